@@ -1,0 +1,152 @@
+"""Registry of base networks: name -> builder, preprocessing, default size, feature width.
+
+Every base is built without its classifier top and with global average
+pooling, so its output is the bottleneck feature vector. ImageNet weights are
+found the way Keras finds them (``$KERAS_HOME/models/<Keras file name>``,
+default ``~/.keras/models``), downloaded there once when missing, and then
+passed to Keras by path; ``base.weights`` may also name a file directly.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from components.errors import GraftlineError
+
+KERAS_APPS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+MOBILENET_V2_SIZES = (96, 128, 160, 192, 224)
+MOBILENET_V2_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    name: str
+    keras_app: str  # attribute of keras.applications
+    preprocessing: str  # components.images.ImagePreprocessing mode
+    default_size: int
+    min_size: int
+    uses_alpha: bool
+    # (alpha, image_size) -> (Keras' weight file name, download URL)
+    weights_file: Callable[[float, int], tuple[str, str]]
+    feature_width: Callable[[float], int]
+
+    def check(self, alpha: float, image_size: int) -> None:
+        if self.uses_alpha and alpha not in MOBILENET_V2_ALPHAS:
+            raise GraftlineError(
+                f"params: base.alpha = {alpha!r} is not allowed for {self.name}; "
+                f"expected one of {', '.join(map(str, MOBILENET_V2_ALPHAS))}"
+            )
+        if not isinstance(image_size, int) or image_size < self.min_size:
+            raise GraftlineError(
+                f"params: base.image_size = {image_size!r} is not allowed for {self.name}; "
+                f"expected an integer >= {self.min_size} (default {self.default_size})"
+            )
+
+
+def _mobilenet_v2_file(alpha: float, size: int) -> tuple[str, str]:
+    # Keras picks the file by input size and falls back to 224 for other sizes.
+    rows = size if size in MOBILENET_V2_SIZES else 224
+    name = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}_no_top.h5"
+    return name, KERAS_APPS_URL + "mobilenet_v2/" + name
+
+
+def _fixed_file(folder: str, name: str, base_url: str = KERAS_APPS_URL):
+    return lambda alpha, size: (name, base_url + folder + name)
+
+
+REGISTRY: dict[str, BaseSpec] = {
+    spec.name: spec
+    for spec in (
+        BaseSpec("mobilenet_v2", "MobileNetV2", "tf", 160, 32, True, _mobilenet_v2_file,
+                 lambda alpha: 1280 if alpha <= 1.0 else int(1280 * alpha)),
+        BaseSpec("inception_v3", "InceptionV3", "tf", 299, 75, False,
+                 _fixed_file("inception_v3/", "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+                 lambda alpha: 2048),
+        BaseSpec("vgg16", "VGG16", "caffe", 224, 32, False,
+                 _fixed_file("vgg16/", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+                 lambda alpha: 512),
+        BaseSpec("resnet50", "ResNet50", "caffe", 224, 32, False,
+                 _fixed_file("resnet/", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+                 lambda alpha: 2048),
+        BaseSpec("efficientnet_b0", "EfficientNetB0", "raw", 224, 32, False,
+                 _fixed_file("", "efficientnetb0_notop.h5", "https://storage.googleapis.com/keras-applications/"),
+                 lambda alpha: 1280),
+    )
+}
+
+
+def keras_models_dir() -> Path:
+    """Where Keras keeps downloaded weights: $KERAS_HOME/models, default ~/.keras/models."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "models"
+
+
+def resolve_weights(model: str, alpha: float, image_size: int, weights: str) -> str | None:
+    """Return the weights file to load (None for random weights), fetching ImageNet's once."""
+    if weights == "none":
+        return None
+    if weights != "imagenet":
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise GraftlineError(
+                f"params: base.weights = {weights!r}: no such file. Point it at a Keras weights "
+                "file (.h5 / .weights.h5), or use 'imagenet' or 'none'."
+            )
+        return str(path)
+    from components.download import fetch  # network code only when needed
+
+    name, url = REGISTRY[model].weights_file(alpha, image_size)
+    folder = keras_models_dir()
+    path = folder / name
+    if path.is_file():
+        return str(path)
+    hint = (
+        f"graftline needs the Keras ImageNet weights file {name} in {folder} "
+        "(set KERAS_HOME to use another folder, as Keras does). Copy the file there, or set "
+        "base.weights: /path/to/weights.h5 in params.yaml (or dvc exp run -S base.weights=...)."
+    )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GraftlineError(f"cannot create {folder} ({exc}). {hint}") from None
+    return str(fetch(url, path, what=f"ImageNet weights for {model}", offline_hint=hint))
+
+
+def build_base(model: str, alpha: float, image_size: int, weights_path: str | None):
+    """The frozen-able base: no top, global average pooling, output = feature vector."""
+    import keras
+
+    spec = REGISTRY[model]
+    kwargs = dict(input_shape=(image_size, image_size, 3), include_top=False, pooling="avg", weights=None)
+    if spec.uses_alpha:
+        kwargs["alpha"] = alpha
+    base = getattr(keras.applications, spec.keras_app)(**kwargs)
+    if weights_path is not None:
+        try:
+            base.load_weights(weights_path)
+        except Exception as exc:  # a wrong or corrupt file: say which and why
+            raise GraftlineError(
+                f"cannot load base.weights file {weights_path} into {model} (alpha {alpha}): {exc}"
+            ) from None
+    return base
+
+
+def build_feature_extractor(model: str, alpha: float, image_size: int, weights_path: str | None):
+    """[0, 255] RGB images -> bottleneck features: preprocessing + base, base in inference mode."""
+    import keras
+
+    from components.images import ImagePreprocessing
+
+    base = build_base(model, alpha, image_size, weights_path)
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = ImagePreprocessing(REGISTRY[model].preprocessing, name="preprocessing")(inputs)
+    # training=False keeps BatchNorm in inference mode even when layers are unfrozen.
+    features = base(x, training=False)
+    return keras.Model(inputs, features, name="feature_extractor")
+
+
+def base_of(extractor):
+    """The keras.applications model inside a feature extractor (whose layers fine_tune_at indexes)."""
+    return next(layer for layer in extractor.layers if hasattr(layer, "layers"))

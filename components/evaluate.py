@@ -1,0 +1,71 @@
+"""Stage 5, evaluate: the exported model on the test split only.
+
+Outputs: ``metrics`` (accuracy, loss, macro F1, per-class precision/recall/F1
+and support), ``confusion`` (one row per test photo, actual and predicted
+class names, for DVC's confusion template), ``report`` (wall time, devices).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from components.atomic import read_json, write_csv, write_json
+from components.errors import GraftlineError
+from components.fine_tune import LABELS_FILE, MODEL_FILE, image_dataset
+from components.train_head import devices
+
+
+def per_class_scores(actual: np.ndarray, predicted: np.ndarray, labels: list[str]) -> dict:
+    scores = {}
+    for index, name in enumerate(labels):
+        tp = int(np.sum((predicted == index) & (actual == index)))
+        predicted_n = int(np.sum(predicted == index))
+        support = int(np.sum(actual == index))
+        precision = tp / predicted_n if predicted_n else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        scores[name] = {"precision": round(precision, 6), "recall": round(recall, 6),
+                        "f1": round(f1, 6), "support": support}
+    return scores
+
+
+def run(params, inputs: dict, outputs: dict) -> dict:
+    """inputs: examples, model. outputs: metrics (JSON), confusion (CSV), report (JSON)."""
+    import keras
+
+    started = time.time()
+    model_dir = Path(inputs["model"])
+    if not (model_dir / MODEL_FILE).exists():
+        raise GraftlineError(f"{model_dir / MODEL_FILE} not found; run fine-tune first")
+    labels = read_json(model_dir / LABELS_FILE)
+    model = keras.saving.load_model(model_dir / MODEL_FILE)
+    image_size = int(model.input_shape[1])
+    test = image_dataset(Path(inputs["examples"]), "test", image_size, params.evaluate.batch_size)
+
+    probabilities, actual = [], []
+    for batch_images, batch_labels in test:
+        probabilities.append(model(batch_images, training=False).numpy())
+        actual.append(batch_labels.numpy())
+    if not actual:
+        raise GraftlineError(f"the test split in {inputs['examples']} is empty; raise data.test_percent")
+    probabilities = np.concatenate(probabilities)
+    actual = np.concatenate(actual).astype(np.int64)
+    predicted = probabilities.argmax(axis=1)
+    loss = float(keras.losses.sparse_categorical_crossentropy(actual, probabilities).numpy().mean())
+    per_class = per_class_scores(actual, predicted, labels)
+
+    write_csv(Path(outputs["confusion"]), ("actual", "predicted"),
+              [(labels[a], labels[p]) for a, p in zip(actual, predicted)])
+    metrics = {
+        "accuracy": round(float(np.mean(predicted == actual)), 6),
+        "loss": round(loss, 6),
+        "macro_f1": round(float(np.mean([s["f1"] for s in per_class.values()])), 6),
+        "num_test": int(len(actual)),
+        "per_class": per_class,
+    }
+    write_json(Path(outputs["metrics"]), metrics)
+    report = {"wall_time_s": round(time.time() - started, 2), "devices": devices()}
+    write_json(Path(outputs["report"]), report)
+    return {**metrics, **report}

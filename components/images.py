@@ -1,0 +1,64 @@
+"""The ONE image path: decode + resize (TF ops) and the base model's normalisation.
+
+Bottleneck extraction, fine-tuning, evaluation, predict and the exported
+serving signature all call ``decode_and_resize``; the normalisation lives
+inside every model as an ``ImagePreprocessing`` layer, so a model always takes
+RGB pixels in [0, 255] and nobody normalises twice or forgets to. A second
+copy of this code anywhere would be a training/serving-skew bug.
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+# Normalisation modes, as keras.applications.imagenet_utils names them.
+IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
+IMAGENET_STD_RGB = (58.393, 57.12, 57.375)
+MODES = ("tf", "torch", "caffe", "raw")
+
+
+def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Encoded JPEG/PNG/GIF/BMP bytes -> float32 [image_size, image_size, 3] RGB in [0, 255].
+
+    Bilinear resize without crop or antialiasing, as the TensorFlow tutorial's
+    ``image_dataset_from_directory`` does.
+    """
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image = tf.image.resize(image, (image_size, image_size), method="bilinear")
+    image.set_shape((image_size, image_size, 3))
+    return image
+
+
+def decode_batch(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
+    """A [batch] string tensor -> float32 [batch, image_size, image_size, 3]."""
+    return tf.map_fn(
+        lambda b: decode_and_resize(b, image_size),
+        image_bytes,
+        fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.float32),
+    )
+
+
+@keras.saving.register_keras_serializable(package="graftline")
+class ImagePreprocessing(keras.layers.Layer):
+    """[0, 255] RGB -> the base model's expected input (keras.applications modes)."""
+
+    def __init__(self, mode: str = "tf", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in MODES:
+            raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of {MODES}")
+        self.mode = mode
+
+    def call(self, images):
+        images = keras.ops.cast(images, "float32")
+        if self.mode == "tf":  # MobileNet, Inception, EfficientNet's keras port: [-1, 1]
+            return images / 127.5 - 1.0
+        if self.mode == "torch":  # [0, 1] then ImageNet mean/std
+            mean = keras.ops.array(IMAGENET_MEAN_RGB) / 255.0
+            std = keras.ops.array(IMAGENET_STD_RGB) / 255.0
+            return (images / 255.0 - mean) / std
+        if self.mode == "caffe":  # VGG, ResNet50: BGR, ImageNet mean subtracted
+            return keras.ops.flip(images, axis=-1) - keras.ops.array(IMAGENET_MEAN_RGB[::-1])
+        return images  # "raw": the model normalises itself (EfficientNet, self-trained bases)
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}

@@ -1,0 +1,253 @@
+"""Stage 1, ingest: a folder of class folders (or an archive) -> TFRecord shards per split.
+
+Outputs: ``examples`` (folder of ``{split}-*.tfrecord.gz``), ``labels``
+(labels.json: class names, index = label) and ``report`` (counts per class and
+split, skipped files with reasons, duplicates, wall time).
+
+The split of a photo is a hash of its path relative to the source (minus
+anything after ``_nohash_`` in the file name, the retrainer's convention for
+burst shots), so adding photos never moves old ones between splits.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
+
+from components import records
+from components.atomic import atomic_dir, write_json
+from components.download import fetch, is_url, sha256_of
+from components.errors import GraftlineError
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+# Formats tf.io.decode_image reads as they are; anything else is re-encoded.
+TF_NATIVE_FORMATS = {"JPEG", "PNG", "GIF", "BMP"}
+EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class Photo:
+    key: str  # path relative to the source root, with forward slashes
+    path: Path
+    label: int
+    sha256: str
+    split: str
+    reencode: bool  # stored as PNG because TF cannot decode it as it is
+
+
+def split_of(key: str, val_percent: float, test_percent: float, salt: str = "") -> str:
+    """Deterministic split from the relative path; stable when other photos come or go."""
+    path = PurePosixPath(key)
+    stem = re.sub(r"_nohash_.*$", "", path.name)
+    hashed = str(path.parent / stem)
+    digest = hashlib.sha1((salt + hashed).encode()).hexdigest()
+    percent = int(digest[:15], 16) / 16**15 * 100
+    if percent < val_percent:
+        return "val"
+    if percent < val_percent + test_percent:
+        return "test"
+    return "train"
+
+
+def _is_hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def _safe_extract(archive: Path, target: Path) -> list[dict]:
+    """Extract into ``target``; members that would escape it are reported, not written."""
+    rejected = []
+
+    def escapes(name: str) -> bool:
+        p = PurePosixPath(name)
+        return p.is_absolute() or ".." in p.parts or name.startswith(("/", "\\"))
+
+    if archive.name.endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                if escapes(info.filename) or (info.external_attr >> 28) == 0xA:  # symlink
+                    rejected.append({"path": info.filename, "reason": "archive member escapes the target folder"})
+                    continue
+                zf.extract(info, target)
+        return rejected
+    with tarfile.open(archive) as tf_:
+        for member in tf_:
+            if escapes(member.name) or not (member.isfile() or member.isdir()):
+                rejected.append({"path": member.name, "reason": "archive member escapes the target folder or is a link/device"})
+                continue
+            tf_.extract(member, target, filter="data")
+    return rejected
+
+
+def _class_root(folder: Path) -> Path:
+    """Descend through single wrapping folders (flower_photos.tgz holds flower_photos/<class>/)."""
+    while True:
+        subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        if len(subdirs) != 1:
+            return folder
+        folder = subdirs[0]
+
+
+def resolve_source(source: str, sha256: str, download_dir: Path) -> tuple[Path, list[dict]]:
+    """Return the folder of class folders for ``data.source`` and any rejected archive members."""
+    hint = (
+        "To use photos already on this machine, point data.source at a folder of class folders: "
+        "dvc exp run -S data.source=/path/to/photos (or edit params.yaml)."
+    )
+    if is_url(source):
+        name = source.rstrip("/").rsplit("/", 1)[-1] or "source"
+        archive = fetch(source, Path(download_dir) / name, sha256=sha256, what="data.source", offline_hint=hint)
+    else:
+        archive = Path(source).expanduser()
+        if archive.is_dir():
+            return archive, []
+        if not archive.exists():
+            raise GraftlineError(f"data.source {source!r} does not exist. {hint}")
+        if sha256 and sha256_of(archive) != sha256:
+            raise GraftlineError(
+                f"data.source {archive} has sha256 {sha256_of(archive)}, but data.sha256 pins {sha256}. "
+                "Set data.sha256 to the new value if the archive changed on purpose, or '' for none."
+            )
+    if not archive.name.endswith(ARCHIVE_SUFFIXES):
+        raise GraftlineError(
+            f"data.source {source!r} is neither a folder nor an archive ({', '.join(ARCHIVE_SUFFIXES)})."
+        )
+    digest = sha256 or sha256_of(archive)
+    target = Path(download_dir) / f"{archive.name.split('.')[0]}-{digest[:12]}"
+    report = target.with_name(target.name + ".rejected.json")
+    if not target.exists():  # extracted once; atomic so a killed run re-extracts
+        with atomic_dir(target) as tmp:
+            rejected = _safe_extract(archive, tmp)
+        write_json(report, rejected)
+    return _class_root(target), json.loads(report.read_text())
+
+
+def check_image(data: bytes) -> tuple[bool, str]:
+    """(reencode, reason): reason is '' for a usable image, else why it is skipped."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        return False, "empty file"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt = image.format
+            image.load()  # decodes every pixel: catches truncated files
+            oriented = image.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
+    except UnidentifiedImageError:
+        return False, "not an image"
+    except (OSError, SyntaxError, ValueError) as exc:
+        return False, f"corrupt or truncated image ({exc})"
+    return fmt not in TF_NATIVE_FORMATS or oriented, ""
+
+
+def reencoded(data: bytes) -> bytes:
+    """Formats TF cannot decode (WebP, TIFF, ...) or rotated by EXIF -> upright RGB PNG."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        return out.getvalue()
+
+
+def scan(root: Path, val_percent: float, test_percent: float, salt: str):
+    """Walk the class folders: (class names, photos, skipped, duplicates, ignored)."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    ignored = [
+        {"path": p.name, "reason": "not inside a class folder"}
+        for p in sorted(root.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    ]
+    files = []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            rel = path.relative_to(root)
+            if path.is_file() and not _is_hidden(rel):
+                files.append((rel.as_posix(), path, label))
+    photos, skipped, duplicates, seen = [], [], [], {}
+    for key, path, label in tqdm(files, desc="ingest: checking photos", unit="photo"):
+        data = path.read_bytes()
+        reencode, reason = check_image(data)
+        if reason:
+            skipped.append({"path": key, "reason": reason})
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in seen:  # exact duplicate: keep one copy so test never sees a train photo
+            duplicates.append({"path": key, "same_as": seen[digest]})
+            continue
+        seen[digest] = key
+        photos.append(Photo(key, path, label, digest, split_of(key, val_percent, test_percent, salt), reencode))
+    return classes, photos, skipped, duplicates, ignored
+
+
+def run(params, inputs: dict, outputs: dict) -> dict:
+    """inputs: download_dir (cache for URL/archive sources). outputs: examples, labels, report."""
+    started = time.time()
+    data = params.data
+    root, rejected = resolve_source(data.source, data.sha256, Path(inputs["download_dir"]))
+    classes, photos, skipped, duplicates, ignored = scan(root, data.val_percent, data.test_percent, data.split_salt)
+
+    if len(classes) < 2:
+        raise GraftlineError(
+            f"data.source {root} has {len(classes)} class folder(s); graftline needs at least 2 "
+            "(one sub-folder of photos per class)."
+        )
+    per_class = {name: {s: 0 for s in records.SPLITS} for name in classes}
+    for photo in photos:
+        per_class[classes[photo.label]][photo.split] += 1
+    for name, counts in per_class.items():
+        if sum(counts.values()) < data.min_per_class:
+            raise GraftlineError(
+                f"class '{name}' has {sum(counts.values())} usable photo(s) in {root / name}; "
+                f"data.min_per_class is {data.min_per_class}. Add photos or remove the folder."
+            )
+    split_counts = {s: sum(c[s] for c in per_class.values()) for s in records.SPLITS}
+    for split, count in split_counts.items():
+        if count == 0:
+            raise GraftlineError(
+                f"the {split} split is empty ({len(photos)} photos, data.val_percent={data.val_percent}, "
+                f"data.test_percent={data.test_percent}); add photos or raise the percentages."
+            )
+
+    def load(photo: Photo) -> records.Record:
+        image = photo.path.read_bytes()
+        if photo.reencode:
+            image = reencoded(image)
+        return records.Record(photo.key, photo.label, classes[photo.label], photo.sha256, image)
+
+    with atomic_dir(Path(outputs["examples"])) as tmp:
+        with tqdm(total=len(photos), desc="ingest: writing TFRecords", unit="photo") as bar:
+            for split in records.SPLITS:
+                chosen = [p for p in photos if p.split == split]  # already sorted by key
+
+                def stream(chosen=chosen):
+                    for photo in chosen:
+                        yield load(photo)
+                        bar.update()
+
+                records.write_shards(stream(), tmp, split, len(chosen), data.shard_size)
+
+    write_json(Path(outputs["labels"]), classes)
+    report = {
+        "source": data.source,
+        "source_root": str(root),
+        "num_classes": len(classes),
+        "num_examples": len(photos),
+        "splits": split_counts,
+        "classes": per_class,
+        "reencoded": sum(p.reencode for p in photos),
+        "skipped": skipped + rejected,
+        "duplicates": duplicates,
+        "ignored": ignored,
+        "wall_time_s": round(time.time() - started, 2),
+    }
+    write_json(Path(outputs["report"]), report)
+    return report

@@ -1,0 +1,109 @@
+"""Stage 3, train-head: Dropout + Dense softmax head on the cached Parquet features.
+
+No image is decoded here, so an epoch costs milliseconds: the head trains up
+to ``train_head.epochs`` and stops when val loss has not improved for
+``early_stopping_patience`` epochs, keeping the best epoch's weights.
+
+Outputs: ``head`` (head.keras + head.json), ``metrics`` (the best epoch's
+train/val loss and accuracy), ``plots`` (one CSV row per epoch), ``report``
+(wall time, devices).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from components import features
+from components.atomic import atomic_dir, read_json, write_csv, write_json
+from components.errors import GraftlineError
+
+HEAD_FILE = "head.keras"
+HEAD_INFO = "head.json"
+CURVE_COLUMNS = ("epoch", "accuracy", "loss", "val_accuracy", "val_loss")
+
+
+def make_optimizer(name: str, learning_rate: float):
+    import keras
+
+    return {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop,
+            "sgd": keras.optimizers.SGD}[name](learning_rate=learning_rate)
+
+
+def build_head(feature_width: int, num_classes: int, dropout: float):
+    import keras
+
+    inputs = keras.Input((feature_width,), name="features")
+    x = keras.layers.Dropout(dropout, name="head_dropout")(inputs)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="head_dense")(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def keras_verbosity() -> int:
+    """A live bar on a terminal, one line per epoch in logs (DVC, CI)."""
+    return 1 if sys.stdout.isatty() else 2
+
+
+def curve_rows(history: dict, first_epoch: int) -> list[list]:
+    n = len(history["loss"])
+    return [[first_epoch + i] + [round(float(history[c][i]), 6) for c in CURVE_COLUMNS[1:]] for i in range(n)]
+
+
+def devices() -> list[str]:
+    import tensorflow as tf
+
+    return [d.name for d in tf.config.list_logical_devices()]
+
+
+def run(params, inputs: dict, outputs: dict) -> dict:
+    """inputs: bottlenecks, labels. outputs: head (folder), metrics (JSON), plots (CSV), report (JSON)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    started = time.time()
+    p = params.train_head
+    labels = read_json(Path(inputs["labels"]))
+    _, y_train, x_train = features.read_split(Path(inputs["bottlenecks"]), "train")
+    _, y_val, x_val = features.read_split(Path(inputs["bottlenecks"]), "val")
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise GraftlineError("train-head needs photos in both the train and val splits; add photos")
+
+    head = build_head(x_train.shape[1], len(labels), p.dropout)
+    head.compile(optimizer=make_optimizer(p.optimizer, p.learning_rate),
+                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    train = (tf.data.Dataset.from_tensor_slices((x_train, y_train))
+             .shuffle(len(x_train), seed=params.seed, reshuffle_each_iteration=True)
+             .batch(p.batch_size))
+    callbacks = []
+    if p.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=p.early_stopping_patience, restore_best_weights=True))
+    fit = head.fit(train, validation_data=(x_val, y_val), epochs=p.epochs,
+                   callbacks=callbacks, verbose=keras_verbosity())
+    history = fit.history
+    epochs_run = len(history["loss"])
+    # With early stopping the weights are the best epoch's, and so are the reported figures.
+    best = int(np.argmin(history["val_loss"])) if p.early_stopping_patience else epochs_run - 1
+
+    info = {"epochs_run": epochs_run, "best_epoch": best + 1, "feature_width": int(x_train.shape[1]),
+            "num_classes": len(labels), "labels": labels}
+    with atomic_dir(Path(outputs["head"])) as tmp:
+        head.save(tmp / HEAD_FILE)
+        write_json(tmp / HEAD_INFO, info)
+    write_csv(Path(outputs["plots"]), CURVE_COLUMNS, curve_rows(history, 1))
+    metrics = {
+        "accuracy": round(float(history["accuracy"][best]), 6),
+        "loss": round(float(history["loss"][best]), 6),
+        "val_accuracy": round(float(history["val_accuracy"][best]), 6),
+        "val_loss": round(float(history["val_loss"][best]), 6),
+        "best_epoch": best + 1,
+        "epochs_run": epochs_run,
+        "num_train": int(len(x_train)),
+        "num_val": int(len(x_val)),
+    }
+    write_json(Path(outputs["metrics"]), metrics)
+    # Timing and devices vary run to run, so they go to the report, not the metrics DVC compares.
+    report = {"wall_time_s": round(time.time() - started, 2), "devices": devices()}
+    write_json(Path(outputs["report"]), report)
+    return {**metrics, **report}

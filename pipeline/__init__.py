@@ -1,0 +1,1 @@
+"""How graftline's stages are run: adapters (DVC via the CLI, TFX) over components.*.run."""

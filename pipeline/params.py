@@ -1,0 +1,257 @@
+"""Typed params: the only place that knows defaults and constraints.
+
+``load(path)`` reads params.yaml, rejects unknown keys (``dvc exp run -S``
+accepts misspellings silently, so this is where they are caught), fills
+defaults and checks every value before any stage does work. Errors name the
+key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.errors import GraftlineError
+
+FLOWERS_URL = "http://download.tensorflow.org/example_images/flower_photos.tgz"
+FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
+
+OPTIMIZERS = ("adam", "rmsprop", "sgd")
+
+
+class ParamsError(GraftlineError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataParams:
+    # A folder of class folders, or a .tgz/.tar.gz/.zip archive by path or URL.
+    source: str = FLOWERS_URL
+    # sha256 of an archive source ("" = not checked); ignored for folders.
+    sha256: str = FLOWERS_SHA256
+    val_percent: float = 15.0
+    test_percent: float = 15.0
+    # Changing the salt reshuffles every photo's split; keep it fixed.
+    split_salt: str = ""
+    shard_size: int = 1000
+    min_per_class: int = 2
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    model: str = "mobilenet_v2"
+    alpha: float = 1.0
+    image_size: int = 160
+    # "imagenet" (Keras' file in $KERAS_HOME/models, downloaded once), "none"
+    # (random weights, asked for explicitly) or a path to a weights file.
+    weights: str = "imagenet"
+
+
+@dataclass(frozen=True)
+class BottleneckParams:
+    runner: str = "DirectRunner"
+    # Free-form Beam flags, e.g. ["--direct_running_mode=multi_processing", "--direct_num_workers=2"].
+    beam_options: tuple[str, ...] = ()
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class TrainHeadParams:
+    # Epochs on cached features cost milliseconds, so the head trains until
+    # val loss stops improving (patience) and keeps the best epoch's weights.
+    epochs: int = 200
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    dropout: float = 0.2
+    batch_size: int = 32
+    early_stopping_patience: int = 10
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    # Applied to training images during fine-tuning only (the tutorial's pair).
+    flip: bool = True
+    rotation: float = 0.2
+    zoom: float = 0.0
+
+
+@dataclass(frozen=True)
+class FineTuneParams:
+    epochs: int = 10
+    learning_rate: float = 1e-5
+    optimizer: str = "rmsprop"
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 42
+    # Base layers with index >= fine_tune_at are trained in fine-tune; -1 freezes all.
+    fine_tune_at: int = 100
+    data: DataParams = field(default_factory=DataParams)
+    base: BaseParams = field(default_factory=BaseParams)
+    bottleneck: BottleneckParams = field(default_factory=BottleneckParams)
+    train_head: TrainHeadParams = field(default_factory=TrainHeadParams)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    fine_tune: FineTuneParams = field(default_factory=FineTuneParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(value):
+            if isinstance(value, tuple):
+                return list(value)
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return value
+
+        return plain(dataclasses.asdict(self))
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ParamsError(f"params: {key} = {value!r} is not allowed; expected {allowed}")
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Check one leaf's type; ints are accepted where floats are expected."""
+    if kind is bool:
+        if not isinstance(value, bool):
+            _fail(key, value, "true or false")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, value, "an integer")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, value, "a number")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            _fail(key, value, "a string")
+        return value
+    if kind == tuple[str, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            _fail(key, value, "a list of strings")
+        return tuple(value)
+    raise AssertionError(f"unhandled param type {kind} for {key}")
+
+
+def _build(cls, raw: Any, prefix: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        _fail(prefix or "params.yaml", raw, "a mapping of keys to values")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), fields, n=1)
+        hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+        raise ParamsError(
+            f"params: unknown key '{prefix}{key}'.{hint} Known keys here: {', '.join(fields)}."
+        )
+    values = {}
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, value in raw.items():
+        kind = _SECTIONS.get(name) if cls is Params else None
+        if kind is not None:
+            values[name] = _build(kind, value, f"{name}.")
+        else:
+            values[name] = _coerce(prefix + name, value, _TYPES[hints[name]])
+    return cls(**values)
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple[str, ...]}
+_SECTIONS = {
+    "data": DataParams,
+    "base": BaseParams,
+    "bottleneck": BottleneckParams,
+    "train_head": TrainHeadParams,
+    "augment": AugmentParams,
+    "fine_tune": FineTuneParams,
+    "evaluate": EvaluateParams,
+}
+
+
+def _validate(p: Params) -> None:
+    from components import base_models  # the registry knows model names
+
+    d = p.data
+    if not d.source:
+        _fail("data.source", d.source, "a folder of class folders, an archive path, or an http(s) URL")
+    if not 0 < d.val_percent < 100:
+        _fail("data.val_percent", d.val_percent, "a percentage > 0 and < 100 (val loss drives early stopping)")
+    if not 0 < d.test_percent < 100:
+        _fail("data.test_percent", d.test_percent, "a percentage > 0 and < 100")
+    if d.val_percent + d.test_percent >= 100:
+        _fail("data.val_percent + data.test_percent", d.val_percent + d.test_percent, "less than 100, to leave photos to train on")
+    if d.sha256 and (len(d.sha256) != 64 or any(c not in "0123456789abcdef" for c in d.sha256)):
+        _fail("data.sha256", d.sha256, "64 lowercase hex digits, or '' to skip the check")
+    if d.shard_size < 1:
+        _fail("data.shard_size", d.shard_size, "an integer >= 1")
+    if d.min_per_class < 1:
+        _fail("data.min_per_class", d.min_per_class, "an integer >= 1")
+
+    b = p.base
+    if b.model not in base_models.REGISTRY:
+        _fail("base.model", b.model, f"one of {', '.join(sorted(base_models.REGISTRY))}")
+    base_models.REGISTRY[b.model].check(alpha=b.alpha, image_size=b.image_size)
+    if not b.weights:
+        _fail("base.weights", b.weights, "'imagenet', 'none' or a path to a weights file")
+
+    if not p.bottleneck.runner:
+        _fail("bottleneck.runner", p.bottleneck.runner, "a Beam runner name such as DirectRunner")
+    for section in ("bottleneck", "train_head", "fine_tune", "evaluate"):
+        size = getattr(p, section).batch_size
+        if size < 1:
+            _fail(f"{section}.batch_size", size, "an integer >= 1")
+
+    for section in ("train_head", "fine_tune"):
+        s = getattr(p, section)
+        minimum = 1 if section == "train_head" else 0
+        if s.epochs < minimum:
+            _fail(f"{section}.epochs", s.epochs, f"an integer >= {minimum}")
+        if not 0 < s.learning_rate < 1:
+            _fail(f"{section}.learning_rate", s.learning_rate, "a number > 0 and < 1")
+        if s.optimizer not in OPTIMIZERS:
+            _fail(f"{section}.optimizer", s.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+    if not 0 <= p.train_head.dropout < 1:
+        _fail("train_head.dropout", p.train_head.dropout, "a number >= 0 and < 1")
+    if p.train_head.early_stopping_patience < 0:
+        _fail("train_head.early_stopping_patience", p.train_head.early_stopping_patience, "an integer >= 0 (0 turns early stopping off)")
+
+    if p.fine_tune_at < -1:
+        _fail("fine_tune_at", p.fine_tune_at, "-1 (freeze the whole base) or a layer index >= 0")
+    if not 0 <= p.augment.rotation <= 1:
+        _fail("augment.rotation", p.augment.rotation, "a fraction of a full turn between 0 and 1")
+    if not 0 <= p.augment.zoom < 1:
+        _fail("augment.zoom", p.augment.zoom, "a fraction >= 0 and < 1")
+
+
+def from_dict(raw: Any) -> Params:
+    params = _build(Params, raw, "")
+    _validate(params)
+    return params
+
+
+def load(path: str | os.PathLike = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"params: {path} not found; run graftline from the project folder that holds params.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"params: {path} is not valid YAML: {exc}") from None
+    return from_dict(raw)
