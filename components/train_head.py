@@ -79,7 +79,7 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     if p.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=p.early_stopping_patience, restore_best_weights=True))
-    fit = head.fit(train, validation_data=(x_val, y_val), epochs=p.epochs,
+    fit = head.fit(train, validation_data=(x_val, y_val), epochs=p.epochs, shuffle=False,  # shuffled above
                    callbacks=callbacks, verbose=keras_verbosity())
     history = fit.history
     epochs_run = len(history["loss"])

@@ -1,0 +1,133 @@
+"""Shared fixtures: where ../shared is, and ONE real pipeline run per test session.
+
+The end-to-end fixtures copy this repo into a temporary git repo, point
+params at ../shared/data/flowers, give Keras a temporary KERAS_HOME holding
+the shared ImageNet weights, and run the real `dvc repro`, then
+`dvc exp run -S fine_tune_at=...` and `graftline tfx-run`. Many tests read
+their outputs. Without ../shared they skip, unless GRAFTLINE_REQUIRE_SHARED=1
+(set by .ci/run), which turns the skip into a failure.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GRAFTLINE_SHARED", REPO.parent / "shared"))
+FLOWERS = SHARED / "data" / "flowers"
+WEIGHTS_224 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+# What Keras looks for at the default 160 px; the 224 file works at 160 (../shared/weights/README.md).
+KERAS_NAME_160 = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_160_no_top.h5"
+BIN = Path(sys.executable).parent
+# fine_tune_at for the experiment: another value than the default 100.
+OTHER_FINE_TUNE_AT = 120
+# Keep what the pipeline wrote after the first `dvc repro`, before the experiment changes it.
+SNAPSHOT = ("params.yaml", "dvc.lock", "metrics", "plots", "reports", "artifacts/labels.json")
+
+
+def require_shared() -> None:
+    missing = [p for p in (FLOWERS, WEIGHTS_224) if not p.exists()]
+    if missing:
+        message = f"needs ../shared (flower photos and ImageNet weights); missing: {', '.join(map(str, missing))}"
+        if os.environ.get("GRAFTLINE_REQUIRE_SHARED") == "1":
+            pytest.fail(message + " (GRAFTLINE_REQUIRE_SHARED=1 forbids skipping)")
+        pytest.skip(message)
+
+
+def project_env(keras_home: Path) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["KERAS_HOME"] = str(keras_home)
+    env.setdefault("GIT_AUTHOR_NAME", "graftline tests")
+    env.setdefault("GIT_AUTHOR_EMAIL", "tests@graftline.invalid")
+    env.setdefault("GIT_COMMITTER_NAME", "graftline tests")
+    env.setdefault("GIT_COMMITTER_EMAIL", "tests@graftline.invalid")
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict, log: Path, timeout: int = 1200) -> str:
+    """Run a command; on failure show its output. Returns stdout+stderr."""
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    log.write_text(output)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}; output ({log}):\n{output[-6000:]}")
+    return output
+
+
+@dataclass
+class Project:
+    root: Path  # the temporary git + DVC repo
+    first: Path  # SNAPSHOT files as the first `dvc repro` left them
+    env: dict
+    repro_log: str
+
+
+def copy_repo(dest: Path) -> None:
+    """Copy the files git would commit (tracked, and untracked but not ignored)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> Project:
+    """The real five-stage `dvc repro` on ../shared/data/flowers with the default params."""
+    require_shared()
+    base = tmp_path_factory.mktemp("e2e")
+    root = base / "project"
+    root.mkdir()
+    copy_repo(root)
+    keras_home = base / "keras"
+    (keras_home / "models").mkdir(parents=True)
+    shutil.copy(WEIGHTS_224, keras_home / "models" / KERAS_NAME_160)
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["source"] = str(FLOWERS)
+    params["data"]["sha256"] = ""
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    env = project_env(keras_home)
+    logs = base / "logs"
+    logs.mkdir()
+    run(["git", "init", "-q", "-b", "main"], root, env, logs / "git-init.log")
+    run(["git", "add", "-A"], root, env, logs / "git-add.log")
+    run(["git", "commit", "-qm", "graftline under test"], root, env, logs / "git-commit.log")
+    repro_log = run(["dvc", "repro"], root, env, logs / "repro.log")
+
+    first = base / "first-run"
+    for rel in SNAPSHOT:
+        src, dst = root / rel, first / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    run(["git", "add", "-A"], root, env, logs / "git-add-2.log")
+    run(["git", "commit", "-qm", "first dvc repro"], root, env, logs / "git-commit-2.log")
+    return Project(root, first, env, repro_log)
+
+
+@pytest.fixture(scope="session")
+def experiment(project: Project) -> str:
+    """`dvc exp run -S fine_tune_at=OTHER` after the full repro; returns DVC's output."""
+    return run(["dvc", "exp", "run", "-S", f"fine_tune_at={OTHER_FINE_TUNE_AT}"], project.root, project.env,
+               project.root.parent / "logs" / "exp-run.log")
+
+
+@pytest.fixture(scope="session")
+def tfx_run(project: Project) -> Path:
+    """`graftline tfx-run` with the first run's params; returns its root (metadata.sqlite, latest.json)."""
+    root = project.root.parent / "tfx"
+    run(["graftline", "--params", str(project.first / "params.yaml"), "tfx-run", "--root", str(root)],
+        project.root, project.env, project.root.parent / "logs" / "tfx-run.log")
+    return root

@@ -1,0 +1,195 @@
+"""End to end: the real five-stage `dvc repro` on ../shared/data/flowers (one run per session).
+
+Runs with the default params (MobileNetV2 alpha 1.0 at 160 px, ImageNet
+weights from a temporary KERAS_HOME, 10 fine-tune epochs); see conftest.py.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from components import features, records
+from conftest import FLOWERS, OTHER_FINE_TUNE_AT, REPO, run
+
+pytestmark = pytest.mark.slow
+
+CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+
+
+def load(path: Path):
+    return json.loads(path.read_text())
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def declared_outputs() -> list[str]:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    paths = []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                paths.append(entry if isinstance(entry, str) else next(iter(entry)))
+    return paths
+
+
+def test_every_declared_output_exists(project):
+    outputs = declared_outputs()
+    assert {"artifacts/examples", "artifacts/bottlenecks", "artifacts/head", "artifacts/model",
+            "metrics/evaluate.json", "plots/confusion.csv"} <= set(outputs)
+    missing = [p for p in outputs if not (project.root / p).exists()]
+    assert not missing, f"declared in dvc.yaml but not written: {missing}"
+    for stage in ("ingest", "bottleneck", "train_head", "fine_tune", "evaluate"):
+        assert f"Running stage '{stage}'" in project.repro_log
+
+
+def test_ingest_counts_every_photo_and_ignores_root_files(project):
+    report = load(project.first / "reports/ingest.json")
+    assert load(project.first / "artifacts/labels.json") == CLASSES
+    assert report["num_examples"] == 400 and report["skipped"] == [] and report["duplicates"] == []
+    assert {name: sum(c.values()) for name, c in report["classes"].items()} == {c: 80 for c in CLASSES}
+    assert sum(report["splits"].values()) == 400 and min(report["splits"].values()) > 0
+    assert {i["path"] for i in report["ignored"]} == {"LICENSE.txt", "SHA256SUMS", "SOURCE.md"}
+
+
+def read_records(examples_dir: Path, split: str) -> list[records.Record]:
+    import tensorflow as tf
+
+    paths = [str(p) for p in records.shard_paths(examples_dir, split)]
+    return [records.from_example(r.numpy()) for r in tf.data.TFRecordDataset(paths, compression_type="GZIP")]
+
+
+def test_tfrecords_hold_the_original_photos(project):
+    report = load(project.first / "reports/ingest.json")
+    published = dict(reversed(line.split()) for line in (FLOWERS / "SHA256SUMS").read_text().splitlines())
+    keys = set()
+    for split in records.SPLITS:
+        recs = read_records(project.root / "artifacts/examples", split)
+        assert len(recs) == report["splits"][split]
+        assert [r.key for r in recs] == sorted(r.key for r in recs)
+        for r in recs:
+            assert hashlib.sha256(r.image).hexdigest() == r.sha256 == published[r.key]
+            assert CLASSES[r.label] == r.label_name == r.key.split("/")[0]
+        keys |= {r.key for r in recs}
+    assert len(keys) == 400
+
+
+def test_bottleneck_parquet_schema_and_rows(project):
+    report = load(project.first / "reports/ingest.json")
+    bottleneck = load(project.first / "reports/bottleneck.json")
+    assert bottleneck["forward_passes"] == 400 and bottleneck["feature_width"] == 1280
+    for split in records.SPLITS:
+        paths = features.files(project.root / "artifacts/bottlenecks", split)
+        assert paths, split
+        assert pq.read_schema(paths[0]).equals(features.schema(1280), check_metadata=False)
+        keys, labels, feats = features.read_split(project.root / "artifacts/bottlenecks", split)
+        recs = read_records(project.root / "artifacts/examples", split)
+        assert keys == [r.key for r in recs] and labels.tolist() == [r.label for r in recs]
+        assert feats.shape == (report["splits"][split], 1280) and np.isfinite(feats).all()
+        assert feats.std() > 0.1  # real features, not zeros or a constant
+
+
+def test_head_converges_on_cached_features(project):
+    metrics = load(project.first / "metrics/train_head.json")
+    curve = read_csv(project.first / "plots/train_head.csv")
+    assert metrics["val_accuracy"] >= 0.75
+    assert len(curve) == metrics["epochs_run"] and [int(r["epoch"]) for r in curve] == list(range(1, len(curve) + 1))
+    best = curve[metrics["best_epoch"] - 1]
+    assert float(best["val_accuracy"]) == pytest.approx(metrics["val_accuracy"], abs=1e-6)
+    assert min(float(r["val_loss"]) for r in curve) == pytest.approx(metrics["val_loss"], abs=1e-6)
+
+
+def test_fine_tune_curve_joins_the_head_curve(project):
+    head = load(project.first / "metrics/train_head.json")
+    metrics = load(project.first / "metrics/fine_tune.json")
+    curve = read_csv(project.first / "plots/fine_tune.csv")
+    assert [int(r["epoch"]) for r in curve] == list(range(head["epochs_run"] + 1, head["epochs_run"] + 11))
+    assert metrics["fine_tune_at"] == 100 and metrics["epochs"] == 10
+    assert metrics["trainable_base_layers"] == 155 - 100
+    assert float(curve[-1]["val_accuracy"]) == pytest.approx(metrics["val_accuracy"], abs=1e-6)
+
+
+def test_test_accuracy_and_confusion_matrix(project):
+    metrics = load(project.first / "metrics/evaluate.json")
+    rows = read_csv(project.first / "plots/confusion.csv")
+    assert metrics["accuracy"] >= 0.75
+    assert len(rows) == metrics["num_test"] == load(project.first / "reports/ingest.json")["splits"]["test"]
+    assert np.mean([r["actual"] == r["predicted"] for r in rows]) == pytest.approx(metrics["accuracy"], abs=1e-6)
+    assert sum(c["support"] for c in metrics["per_class"].values()) == metrics["num_test"]
+    for name, scores in metrics["per_class"].items():
+        tp = sum(r["actual"] == name == r["predicted"] for r in rows)
+        assert scores["recall"] == pytest.approx(tp / scores["support"], abs=1e-6)
+
+
+def test_saved_model_serves_encoded_bytes_like_evaluate(project):
+    """The exported signature (bytes in) predicts what evaluate predicted: no training/serving skew."""
+    import tensorflow as tf
+
+    model_dir = project.root / "artifacts/model"
+    if not (project.root / "plots/confusion.csv").exists():
+        pytest.fail("workspace confusion.csv missing")
+    served = tf.saved_model.load(str(model_dir / "saved_model"))
+    recs = read_records(project.root / "artifacts/examples", "test")
+    out = served.serve(tf.constant([r.image for r in recs]))
+    names = [n.decode() for n in out["class_name"].numpy()]
+    assert names == [r["predicted"] for r in read_csv(project.root / "plots/confusion.csv")]
+    assert np.allclose(out["probabilities"].numpy().sum(axis=1), 1.0, atol=1e-5)
+    assert json.loads((model_dir / "labels.json").read_text()) == CLASSES
+
+
+def test_fine_tune_zero_epochs_exports_base_and_head_unchanged(project, tmp_path):
+    """fine_tune.epochs: 0 -> the model is base + head as trained; its val accuracy is the head's."""
+    import keras
+
+    for rel in ("artifacts/examples", "artifacts/head", "artifacts/labels.json"):
+        src = project.root / rel
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp_path / rel)
+    params = yaml.safe_load((project.first / "params.yaml").read_text())
+    params["fine_tune"]["epochs"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    run(["graftline", "fine-tune"], tmp_path, project.env, tmp_path / "fine-tune.log", timeout=600)
+
+    import components.images  # noqa: F401  (registers the preprocessing layer)
+
+    model = keras.saving.load_model(tmp_path / "artifacts/model/model.keras")
+    head = keras.saving.load_model(project.root / "artifacts/head/head.keras")
+    dense = model.get_layer("head").get_layer("head_dense").get_weights()
+    for got, want in zip(dense, head.get_layer("head_dense").get_weights()):
+        np.testing.assert_array_equal(got, want)
+    metrics = load(tmp_path / "metrics/fine_tune.json")
+    head_metrics = load(project.first / "metrics/train_head.json")
+    # Same photos, same base, same head: the cached-feature path and the image path agree.
+    assert metrics["val_accuracy"] == pytest.approx(head_metrics["val_accuracy"], abs=1e-6)
+    assert metrics["val_loss"] == pytest.approx(head_metrics["val_loss"], abs=1e-4)
+    assert read_csv(tmp_path / "plots/fine_tune.csv") == []
+
+
+def test_dvc_status_is_clean_after_repro(project):
+    out = subprocess.run(["dvc", "status"], cwd=project.root, env=project.env, capture_output=True, text=True)
+    assert out.returncode == 0 and "up to date" in out.stdout, out.stdout + out.stderr
+
+
+# Runs last in this file: the experiment changes the workspace outputs.
+def test_experiment_reruns_only_fine_tune_and_evaluate(project, experiment):
+    ran = set(re.findall(r"Running stage '(\w+)'", experiment))
+    skipped = set(re.findall(r"Stage '(\w+)' didn't change, skipping", experiment))
+    assert ran == {"fine_tune", "evaluate"}, experiment
+    assert {"ingest", "bottleneck", "train_head"} <= skipped, experiment
+    metrics = load(project.root / "metrics/fine_tune.json")
+    assert metrics["fine_tune_at"] == OTHER_FINE_TUNE_AT
+    assert metrics["trainable_base_layers"] == 155 - OTHER_FINE_TUNE_AT
+    # The head and the features were not recomputed.
+    assert load(project.root / "metrics/train_head.json") == load(project.first / "metrics/train_head.json")
