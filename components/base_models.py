@@ -32,17 +32,15 @@ class BaseSpec:
     weights_file: Callable[[float, int], tuple[str, str]]
     feature_width: Callable[[float], int]
 
-    def check(self, alpha: float, image_size: int) -> None:
+    def problems(self, alpha: float, image_size: int) -> list[tuple[str, object, str]]:
+        """(key, value, what is allowed) for each base param this model cannot take."""
+        found = []
         if self.uses_alpha and alpha not in MOBILENET_V2_ALPHAS:
-            raise GraftlineError(
-                f"params: base.alpha = {alpha!r} is not allowed for {self.name}; "
-                f"expected one of {', '.join(map(str, MOBILENET_V2_ALPHAS))}"
-            )
-        if not isinstance(image_size, int) or image_size < self.min_size:
-            raise GraftlineError(
-                f"params: base.image_size = {image_size!r} is not allowed for {self.name}; "
-                f"expected an integer >= {self.min_size} (default {self.default_size})"
-            )
+            found.append(("base.alpha", alpha, f"one of {', '.join(map(str, MOBILENET_V2_ALPHAS))} for {self.name}"))
+        if image_size < self.min_size:
+            found.append(("base.image_size", image_size,
+                          f"an integer >= {self.min_size} for {self.name} (default {self.default_size})"))
+        return found
 
 
 def _mobilenet_v2_file(alpha: float, size: int) -> tuple[str, str]:

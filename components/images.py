@@ -11,9 +11,10 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-# Normalisation modes, as keras.applications.imagenet_utils names them.
-IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
-IMAGENET_STD_RGB = (58.393, 57.12, 57.375)
+# Normalisation modes and constants as keras.applications.imagenet_utils has them.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+TORCH_MEAN_RGB = (0.485, 0.456, 0.406)
+TORCH_STD_RGB = (0.229, 0.224, 0.225)
 MODES = ("tf", "torch", "caffe", "raw")
 
 
@@ -53,11 +54,9 @@ class ImagePreprocessing(keras.layers.Layer):
         if self.mode == "tf":  # MobileNet, Inception, EfficientNet's keras port: [-1, 1]
             return images / 127.5 - 1.0
         if self.mode == "torch":  # [0, 1] then ImageNet mean/std
-            mean = keras.ops.array(IMAGENET_MEAN_RGB) / 255.0
-            std = keras.ops.array(IMAGENET_STD_RGB) / 255.0
-            return (images / 255.0 - mean) / std
+            return (images / 255.0 - keras.ops.array(TORCH_MEAN_RGB)) / keras.ops.array(TORCH_STD_RGB)
         if self.mode == "caffe":  # VGG, ResNet50: BGR, ImageNet mean subtracted
-            return keras.ops.flip(images, axis=-1) - keras.ops.array(IMAGENET_MEAN_RGB[::-1])
+            return keras.ops.flip(images, axis=-1) - keras.ops.array(CAFFE_MEAN_BGR)
         return images  # "raw": the model normalises itself (EfficientNet, self-trained bases)
 
     def get_config(self):

@@ -28,9 +28,17 @@ from components.download import fetch, is_url, sha256_of
 from components.errors import GraftlineError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
-# Formats tf.io.decode_image reads as they are; anything else is re-encoded.
-TF_NATIVE_FORMATS = {"JPEG", "PNG", "GIF", "BMP"}
+# (format, PIL mode) pairs tf.io.decode_image reads correctly as they are; any
+# other image (WebP, TIFF, CMYK JPEG, palette BMP, 16-bit PNG, ...) is re-encoded.
+TF_NATIVE = {
+    "JPEG": {"RGB", "L"},
+    "PNG": {"RGB", "RGBA", "L", "LA", "P"},
+    "GIF": {"P", "L", "RGB"},
+    "BMP": {"RGB", "RGBA"},
+}
 EXIF_ORIENTATION = 0x0112
+# Folders that archivers add beside the photos (macOS Finder's zip resource forks).
+JUNK_FOLDERS = {"__MACOSX"}
 
 
 @dataclass(frozen=True)
@@ -57,8 +65,8 @@ def split_of(key: str, val_percent: float, test_percent: float, salt: str = "") 
     return "train"
 
 
-def _is_hidden(rel: Path) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
+def _is_hidden(rel: PurePosixPath | Path) -> bool:
+    return any(part.startswith(".") or part in JUNK_FOLDERS for part in rel.parts)
 
 
 def _safe_extract(archive: Path, target: Path) -> list[dict]:
@@ -75,6 +83,8 @@ def _safe_extract(archive: Path, target: Path) -> list[dict]:
                 if escapes(info.filename) or (info.external_attr >> 28) == 0xA:  # symlink
                     rejected.append({"path": info.filename, "reason": "archive member escapes the target folder"})
                     continue
+                if _is_hidden(PurePosixPath(info.filename)):
+                    continue
                 zf.extract(info, target)
         return rejected
     with tarfile.open(archive) as tf_:
@@ -89,7 +99,7 @@ def _safe_extract(archive: Path, target: Path) -> list[dict]:
 def _class_root(folder: Path) -> Path:
     """Descend through single wrapping folders (flower_photos.tgz holds flower_photos/<class>/)."""
     while True:
-        subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        subdirs = [p for p in folder.iterdir() if p.is_dir() and not _is_hidden(Path(p.name))]
         if len(subdirs) != 1:
             return folder
         folder = subdirs[0]
@@ -137,22 +147,29 @@ def check_image(data: bytes) -> tuple[bool, str]:
         return False, "empty file"
     try:
         with Image.open(io.BytesIO(data)) as image:
-            fmt = image.format
+            native = image.mode in TF_NATIVE.get(image.format, ())
             image.load()  # decodes every pixel: catches truncated files
             oriented = image.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
     except UnidentifiedImageError:
         return False, "not an image"
+    except Image.DecompressionBombError as exc:
+        return False, f"image too large ({exc})"
     except (OSError, SyntaxError, ValueError) as exc:
         return False, f"corrupt or truncated image ({exc})"
-    return fmt not in TF_NATIVE_FORMATS or oriented, ""
+    return not native or oriented, ""
 
 
 def reencoded(data: bytes) -> bytes:
-    """Formats TF cannot decode (WebP, TIFF, ...) or rotated by EXIF -> upright RGB PNG."""
+    """Images TF cannot decode as they are, or rotated by EXIF -> upright 8-bit RGB PNG."""
+    import numpy as np
     from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I"):  # 16/32-bit integer greyscale: keep the top 8 bits
+            depth = 16 if image.mode.startswith("I;16") or np.asarray(image).max() < 65536 else 32
+            image = Image.fromarray((np.asarray(image).astype(np.uint32) >> (depth - 8)).astype(np.uint8))
+        image = image.convert("RGB")
         out = io.BytesIO()
         image.save(out, format="PNG")
         return out.getvalue()
@@ -160,7 +177,7 @@ def reencoded(data: bytes) -> bytes:
 
 def scan(root: Path, val_percent: float, test_percent: float, salt: str):
     """Walk the class folders: (class names, photos, skipped, duplicates, ignored)."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(Path(p.name)))
     ignored = [
         {"path": p.name, "reason": "not inside a class folder"}
         for p in sorted(root.iterdir())

@@ -207,7 +207,8 @@ def _validate(p: Params) -> None:
     b = p.base
     if b.model not in base_models.REGISTRY:
         _fail("base.model", b.model, f"one of {', '.join(sorted(base_models.REGISTRY))}")
-    base_models.REGISTRY[b.model].check(alpha=b.alpha, image_size=b.image_size)
+    for key, value, allowed in base_models.REGISTRY[b.model].problems(b.alpha, b.image_size):
+        _fail(key, value, allowed)
     if not b.weights:
         _fail("base.weights", b.weights, "'imagenet', 'none' or a path to a weights file")
 

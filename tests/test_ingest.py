@@ -1,0 +1,454 @@
+"""components/ingest.py on photos drawn in tmp_path: splits, bad inputs, archives, offline sources."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components import ingest, records
+from components.errors import GraftlineError
+from drawing import draw_photo, make_class_tree, make_tar, pixels, solid, tree_members
+from pipeline import params as params_mod
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_params(source, **data):
+    data = {"source": str(source), "sha256": "", "val_percent": 25, "test_percent": 25, **data}
+    return params_mod.from_dict({"data": data})
+
+
+def run_ingest(p, work: Path) -> tuple[dict, dict]:
+    """Run ingest with outputs under ``work``; returns (returned report, output paths)."""
+    outputs = {"examples": work / "artifacts" / "examples", "labels": work / "artifacts" / "labels.json",
+               "report": work / "reports" / "ingest.json"}
+    result = ingest.run(p, {"download_dir": work / "raw"}, outputs)
+    return result, outputs
+
+
+def read_examples(examples_dir: Path) -> dict[str, list[records.Record]]:
+    """split -> Records, in file order."""
+    out = {}
+    for split in records.SPLITS:
+        out[split] = [
+            records.Record(ex[records.KEY].decode(), int(ex[records.LABEL]), ex[records.LABEL_NAME].decode(),
+                           ex[records.SHA256].decode(), ex[records.IMAGE])
+            for ex in records.dataset(examples_dir, split).as_numpy_iterator()
+        ]
+    return out
+
+
+# ---------------------------------------------------------------- split_of
+
+
+def synthetic_keys(n: int, start: int = 0) -> list[str]:
+    return [f"class{i % 5}/photo_{i:05d}.jpg" for i in range(start, start + n)]
+
+
+def test_split_of_only_returns_known_splits_and_uses_all_of_them():
+    splits = {ingest.split_of(k, 15, 15) for k in synthetic_keys(300)}
+    assert splits == set(records.SPLITS)
+
+
+def test_split_of_is_stable_when_photos_are_added():
+    old = synthetic_keys(500)
+    before = {k: ingest.split_of(k, 15, 15) for k in old}
+    everything = old + synthetic_keys(500, start=500)
+    after = {k: ingest.split_of(k, 15, 15) for k in sorted(everything, reverse=True)}
+    assert {k: after[k] for k in old} == before
+
+
+def test_split_of_is_the_same_in_another_process_with_another_hash_seed():
+    keys = synthetic_keys(200)
+    code = ("import json, sys; from components.ingest import split_of; "
+            "print(json.dumps([split_of(k, 15, 15, 'salt') for k in json.loads(sys.stdin.read())]))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    result = subprocess.run([sys.executable, "-c", code], input=json.dumps(keys), capture_output=True,
+                            text=True, cwd=REPO, env=env, timeout=60, check=True)
+    assert json.loads(result.stdout) == [ingest.split_of(k, 15, 15, "salt") for k in keys]
+
+
+def test_nohash_burst_shots_land_in_the_same_split():
+    stems = [f"cats/burst{i:03d}" for i in range(200)]
+    for stem in stems:
+        first = ingest.split_of(f"{stem}_nohash_1.jpg", 15, 15)
+        assert ingest.split_of(f"{stem}_nohash_2.jpg", 15, 15) == first, stem
+        assert ingest.split_of(f"{stem}_nohash_17_extra.jpg", 15, 15) == first, stem
+    # The rule groups burst shots; it does not put every photo in one split.
+    assert len({ingest.split_of(f"{s}_nohash_1.jpg", 15, 15) for s in stems}) == 3
+    assert ingest.split_of("a_nohash_1.jpg", 15, 15) == ingest.split_of("a_nohash_2.jpg", 15, 15)
+
+
+@pytest.mark.parametrize("val, test", [(15, 15), (10, 20), (30, 5)])
+def test_split_proportions_roughly_match_the_percentages(val, test):
+    n = 2000
+    counts = Counter(ingest.split_of(k, val, test) for k in synthetic_keys(n))
+    for split, percent in (("val", val), ("test", test), ("train", 100 - val - test)):
+        expected = n * percent / 100
+        # ~5 standard deviations of a binomial count: loose, but a wrong split rule is far outside.
+        slack = 5 * math.sqrt(n * percent / 100 * (1 - percent / 100))
+        assert abs(counts[split] - expected) < slack, (split, counts)
+
+
+def test_split_salt_reshuffles():
+    keys = synthetic_keys(1000)
+    moved = sum(ingest.split_of(k, 15, 15, "") != ingest.split_of(k, 15, 15, "other") for k in keys)
+    # Two independent assignments with P(train)=0.7 differ for about 46% of keys.
+    assert 300 < moved < 600
+
+
+# ---------------------------------------------------------------- a full run on a clean tree
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("clean")
+    tree = make_class_tree(work / "photos", {"dogs": 12, "cats": 14, "birds": 10})
+    result, outputs = run_ingest(make_params(tree, shard_size=4), work)
+    return tree, result, outputs
+
+
+def test_labels_are_the_sorted_class_names(clean_run):
+    _, _, outputs = clean_run
+    assert json.loads(outputs["labels"].read_text()) == ["birds", "cats", "dogs"]
+
+
+def test_report_counts_add_up(clean_run):
+    _, result, outputs = clean_run
+    report = json.loads(outputs["report"].read_text())
+    assert report == {**result, "wall_time_s": report["wall_time_s"]}
+    assert report["num_classes"] == 3
+    assert report["num_examples"] == 36
+    assert {c: sum(s.values()) for c, s in report["classes"].items()} == {"birds": 10, "cats": 14, "dogs": 12}
+    assert sum(report["splits"].values()) == 36
+    for split in records.SPLITS:
+        assert report["splits"][split] == sum(c[split] for c in report["classes"].values())
+        assert report["splits"][split] > 0
+    assert report["skipped"] == [] and report["duplicates"] == [] and report["ignored"] == []
+    assert report["reencoded"] == 0
+
+
+def test_records_hold_every_photo_in_its_split_with_label_and_bytes(clean_run):
+    tree, result, outputs = clean_run
+    labels = json.loads(outputs["labels"].read_text())
+    examples = read_examples(outputs["examples"])
+    seen = []
+    for split, recs in examples.items():
+        assert len(recs) == result["splits"][split]
+        assert [r.key for r in recs] == sorted(r.key for r in recs)  # written in key order
+        for r in recs:
+            data = (tree / r.key).read_bytes()
+            assert r.image == data  # JPEG is stored as it is
+            assert r.sha256 == hashlib.sha256(data).hexdigest()
+            assert r.label_name == r.key.split("/")[0]
+            assert labels[r.label] == r.label_name
+            assert ingest.split_of(r.key, 25, 25) == split
+            seen.append(r.key)
+    assert sorted(seen) == sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*.jpg"))
+
+
+def test_shards_follow_shard_size(clean_run):
+    _, result, outputs = clean_run
+    for split in records.SPLITS:
+        n = math.ceil(result["splits"][split] / 4)
+        assert [p.name for p in records.shard_paths(outputs["examples"], split)] == [
+            records.shard_name(split, i, n) for i in range(n)
+        ]
+    # Nothing but shards in the examples folder, and no temporary folders left beside it.
+    assert all(p.name.endswith(".tfrecord.gz") for p in outputs["examples"].iterdir())
+    assert sorted(p.name for p in outputs["examples"].parent.iterdir()) == ["examples", "labels.json"]
+
+
+def test_adding_photos_never_moves_old_ones_between_splits(tmp_path):
+    tree = make_class_tree(tmp_path / "photos", {"cats": 12, "dogs": 12})
+    p = make_params(tree)
+    _, outputs = run_ingest(p, tmp_path / "first")
+    before = {r.key: split for split, recs in read_examples(outputs["examples"]).items() for r in recs}
+    make_class_tree(tree, {"cats": 15, "dogs": 15}, start=12)
+    _, outputs = run_ingest(p, tmp_path / "second")
+    after = {r.key: split for split, recs in read_examples(outputs["examples"]).items() for r in recs}
+    assert len(before) == 24 and len(after) == 54
+    assert {k: after[k] for k in before} == before
+
+
+# ---------------------------------------------------------------- a messy tree
+
+
+@pytest.fixture(scope="module")
+def messy_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("messy")
+    tree = make_class_tree(work / "photos", {"cats": 10, "dogs": 10})
+    (tree / "cats" / "empty.jpg").write_bytes(b"")
+    (tree / "cats" / "notes.jpg").write_bytes(b"these are my notes about cats\n")
+    whole = draw_photo(work / "whole.jpg", (90, 90, 200), (48, 48), seed=7).read_bytes()
+    (tree / "dogs" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    shutil.copy(tree / "cats" / "cats_003.jpg", tree / "cats" / "zz_copy.jpg")
+    shutil.copy(tree / "dogs" / "dogs_001.jpg", tree / "cats" / "zz_from_dogs.jpg")
+    (tree / "LICENSE.txt").write_text("CC-BY\n")
+    (tree / "README").write_text("photos\n")
+    (tree / ".DS_Store").write_bytes(b"\0\1\2")
+    make_class_tree(tree / ".hidden_class", {"x": 3})  # a hidden folder of photos: not a class
+    draw_photo(tree / "cats" / ".thumb.jpg", (1, 2, 3), seed=99)
+    draw_photo(tree / "dogs" / ".cache" / "d.jpg", (4, 5, 6), seed=98)
+    draw_photo(tree / "dogs" / "sub" / "nested.jpg", (7, 8, 9), seed=97)  # nested but visible: used
+    result, outputs = run_ingest(make_params(tree), work)
+    return tree, result, outputs
+
+
+def test_unreadable_files_are_skipped_with_reasons(messy_run):
+    _, result, _ = messy_run
+    skipped = {s["path"]: s["reason"] for s in result["skipped"]}
+    assert set(skipped) == {"cats/empty.jpg", "cats/notes.jpg", "dogs/truncated.jpg"}
+    assert skipped["cats/empty.jpg"] == "empty file"
+    assert skipped["cats/notes.jpg"] == "not an image"
+    assert "truncated" in skipped["dogs/truncated.jpg"]
+
+
+def test_exact_duplicates_are_kept_once(messy_run):
+    _, result, outputs = messy_run
+    # Files are read in sorted order, so the first copy met is the one kept.
+    assert sorted(result["duplicates"], key=lambda d: d["path"]) == [
+        {"path": "cats/zz_copy.jpg", "same_as": "cats/cats_003.jpg"},
+        {"path": "dogs/dogs_001.jpg", "same_as": "cats/zz_from_dogs.jpg"},
+    ]
+    found = [r for recs in read_examples(outputs["examples"]).values() for r in recs]
+    keys, digests = [r.key for r in found], [r.sha256 for r in found]
+    assert len(digests) == len(set(digests))
+    assert "cats/zz_copy.jpg" not in keys and "cats/cats_003.jpg" in keys
+    assert "dogs/dogs_001.jpg" not in keys and "cats/zz_from_dogs.jpg" in keys
+
+
+def test_root_files_are_ignored_and_hidden_files_are_invisible(messy_run):
+    _, result, outputs = messy_run
+    assert sorted(i["path"] for i in result["ignored"]) == ["LICENSE.txt", "README"]
+    assert all(i["reason"] for i in result["ignored"])
+    assert json.loads(outputs["labels"].read_text()) == ["cats", "dogs"]
+    keys = [r.key for recs in read_examples(outputs["examples"]).values() for r in recs]
+    everything = json.dumps(result)
+    for hidden in (".DS_Store", ".hidden_class", ".thumb.jpg", ".cache"):
+        assert hidden not in everything
+        assert not any(hidden in k for k in keys)
+    assert "dogs/sub/nested.jpg" in keys
+
+
+def test_messy_run_counts_only_good_photos(messy_run):
+    _, result, outputs = messy_run
+    # 20 drawn + 1 nested, minus 2 duplicates' copies (skipped files were never counted).
+    assert result["num_examples"] == 20 + 1
+    assert sum(sum(c.values()) for c in result["classes"].values()) == 21
+    assert sum(len(r) for r in read_examples(outputs["examples"]).values()) == 21
+
+
+# ---------------------------------------------------------------- failures
+
+
+def test_class_below_min_per_class_is_named(tmp_path):
+    tree = make_class_tree(tmp_path / "photos", {"cats": 12, "dogs": 1})
+    with pytest.raises(GraftlineError) as info:
+        run_ingest(make_params(tree, min_per_class=2), tmp_path)
+    assert "'dogs'" in str(info.value) and "data.min_per_class" in str(info.value)
+    assert not (tmp_path / "artifacts").exists()  # nothing half-written for DVC to cache
+
+
+def test_class_of_only_bad_files_is_named(tmp_path):
+    tree = make_class_tree(tmp_path / "photos", {"cats": 12})
+    (tree / "dogs").mkdir()
+    (tree / "dogs" / "a.jpg").write_bytes(b"")
+    (tree / "dogs" / "b.jpg").write_text("not a photo")
+    with pytest.raises(GraftlineError, match="'dogs' has 0 usable"):
+        run_ingest(make_params(tree), tmp_path)
+
+
+def test_a_single_class_is_rejected(tmp_path):
+    tree = make_class_tree(tmp_path / "photos", {"cats": 12})
+    with pytest.raises(GraftlineError, match="at least 2"):
+        run_ingest(make_params(tree), tmp_path)
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_missing_folder_source_is_named(tmp_path):
+    with pytest.raises(GraftlineError, match="does not exist"):
+        run_ingest(make_params(tmp_path / "nowhere"), tmp_path)
+
+
+def test_too_few_photos_for_every_split_is_an_error(tmp_path):
+    tree = make_class_tree(tmp_path / "photos", {"cats": 2, "dogs": 2})
+    with pytest.raises(GraftlineError, match="split is empty"):
+        run_ingest(make_params(tree, val_percent=1, test_percent=1), tmp_path)
+
+
+# ---------------------------------------------------------------- formats TF cannot take as they are
+
+
+def test_exif_rotated_png_and_webp_are_reencoded_upright(tmp_path):
+    import tensorflow as tf
+
+    from components.images import decode_and_resize
+
+    tree = make_class_tree(tmp_path / "photos", {"cats": 10, "dogs": 10})
+    rotated = solid((220, 40, 40), (48, 32))
+    rotated[:, :6] = (40, 200, 40)  # a green strip on the left edge, as stored
+    draw_photo(tree / "cats" / "rotated.png", array=rotated, exif_orientation=6)  # "rotate 90° CW to view"
+    webp = pixels((40, 70, 210), (40, 24), seed=5)
+    draw_photo(tree / "dogs" / "photo.webp", array=webp)
+    result, outputs = run_ingest(make_params(tree), tmp_path)
+    assert result["reencoded"] == 2 and result["skipped"] == []
+    found = {r.key: r for recs in read_examples(outputs["examples"]).values() for r in recs}
+
+    upright = found["cats/rotated.png"]
+    assert upright.image.startswith(b"\x89PNG")
+    assert upright.sha256 == hashlib.sha256((tree / "cats" / "rotated.png").read_bytes()).hexdigest()
+    pixels_up = tf.io.decode_image(upright.image, channels=3).numpy()
+    assert pixels_up.shape == (48, 32, 3)  # width and height swapped
+    assert tuple(pixels_up[0, 16]) == (40, 200, 40)  # the left strip is now on top
+    assert tuple(pixels_up[-1, 16]) == (220, 40, 40)
+
+    from_webp = found["dogs/photo.webp"]
+    assert from_webp.image.startswith(b"\x89PNG")
+    np.testing.assert_array_equal(tf.io.decode_image(from_webp.image, channels=3).numpy(), webp)
+    for rec in (upright, from_webp):
+        image = decode_and_resize(tf.constant(rec.image), 32).numpy()
+        assert image.shape == (32, 32, 3) and image.dtype == np.float32
+
+
+# ---------------------------------------------------------------- archives and URLs
+
+
+def test_tar_gz_source_is_extracted_and_escaping_member_is_refused(tmp_path):
+    tree = make_class_tree(tmp_path / "drawn", {"cats": 10, "dogs": 10})
+    members = {**tree_members(tree, "photos/"), "photos/LICENSE.txt": b"CC-BY\n",
+               "../evil.txt": b"outside!\n", "photos/../../evil2.txt": b"outside too\n"}
+    archive = make_tar(tmp_path / "photos.tar.gz", members)
+    work = tmp_path / "work"
+    result, outputs = run_ingest(make_params(archive), work)
+
+    assert result["num_examples"] == 20
+    assert json.loads(outputs["labels"].read_text()) == ["cats", "dogs"]
+    assert result["ignored"] == [{"path": "LICENSE.txt", "reason": "not inside a class folder"}]
+    skipped = {s["path"]: s["reason"] for s in result["skipped"]}
+    assert set(skipped) == {"../evil.txt", "photos/../../evil2.txt"}
+    assert all("escapes" in reason for reason in skipped.values())
+    assert not list(tmp_path.rglob("evil*.txt"))
+    keys = sorted(r.key for recs in read_examples(outputs["examples"]).values() for r in recs)
+    assert keys == sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*.jpg"))
+
+    # A second run reuses the extracted folder and still reports the refused members.
+    again, _ = run_ingest(make_params(archive), work)
+    assert {s["path"] for s in again["skipped"]} == set(skipped)
+    assert again["splits"] == result["splits"]
+
+
+def test_archive_with_wrong_sha256_is_refused(tmp_path):
+    tree = make_class_tree(tmp_path / "drawn", {"cats": 4, "dogs": 4})
+    archive = make_tar(tmp_path / "photos.tgz", tree_members(tree))
+    with pytest.raises(GraftlineError) as info:
+        run_ingest(make_params(archive, sha256="0" * 64), tmp_path / "work")
+    assert "data.sha256" in str(info.value) and "0" * 64 in str(info.value)
+
+
+def test_unreachable_url_source_fails_fast_and_says_how_to_use_a_folder(tmp_path, monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "*")
+    started = time.time()
+    with pytest.raises(GraftlineError) as info:
+        run_ingest(make_params("http://127.0.0.1:9/photos.tgz"), tmp_path)
+    elapsed = time.time() - started
+    assert elapsed < 30
+    message = str(info.value)
+    assert "data.source" in message and "folder" in message
+    assert "http://127.0.0.1:9/photos.tgz" in message
+    assert not (tmp_path / "artifacts").exists()
+    assert not list(tmp_path.rglob("*photos.tgz*"))  # no partial download left behind
+
+
+def make_zip(archive: Path, members: dict[str, bytes], symlinks: dict[str, str] | None = None) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+        for name, target in (symlinks or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (0o120777 << 16)  # a symbolic link, as `zip -y` stores it
+            zf.writestr(info, target)
+    return archive
+
+
+def test_zip_source_is_extracted_and_escaping_members_are_refused(tmp_path):
+    tree = make_class_tree(tmp_path / "drawn", {"cats": 10, "dogs": 10})
+    members = {**tree_members(tree, "photos/"), "../evil.txt": b"outside!\n"}
+    archive = make_zip(tmp_path / "photos.zip", members, symlinks={"photos/cats/link.jpg": "/etc/passwd"})
+    result, outputs = run_ingest(make_params(archive), tmp_path / "work")
+    assert result["num_examples"] == 20
+    assert json.loads(outputs["labels"].read_text()) == ["cats", "dogs"]
+    assert {s["path"] for s in result["skipped"]} == {"../evil.txt", "photos/cats/link.jpg"}
+    assert not list(tmp_path.rglob("evil.txt")) and not list(tmp_path.rglob("link.jpg"))
+
+
+def test_zip_from_macos_with_macosx_folder_is_ingested(tmp_path):
+    tree = make_class_tree(tmp_path / "drawn", {"cats": 10, "dogs": 10})
+    members = tree_members(tree, "photos/")
+    members.update({f"__MACOSX/photos/{Path(k).parent.name}/._{Path(k).name}": b"\0\5\26\7AppleDouble"
+                    for k in tree_members(tree)})
+    archive = make_zip(tmp_path / "photos.zip", members)
+    result, outputs = run_ingest(make_params(archive), tmp_path / "work")
+    assert json.loads(outputs["labels"].read_text()) == ["cats", "dogs"]
+    assert result["num_examples"] == 20
+
+
+@pytest.mark.parametrize("mode", ["P", "1"])
+def test_palette_and_1_bit_bmp_decode_to_their_true_colours(tmp_path, mode):
+    import tensorflow as tf
+    from PIL import Image
+
+    from components.images import decode_and_resize
+
+    tree = make_class_tree(tmp_path / "photos", {"cats": 10, "dogs": 10})
+    image = Image.fromarray(pixels((40, 160, 60), (24, 24), seed=3, noise=40))
+    image = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=64) if mode == "P" else image.convert("1")
+    image.save(tree / "cats" / "indexed.bmp", format="BMP")
+    true_colours = np.asarray(image.convert("RGB"), np.float32)
+    _, outputs = run_ingest(make_params(tree), tmp_path)
+    found = {r.key: r for recs in read_examples(outputs["examples"]).values() for r in recs}
+    decoded = decode_and_resize(tf.constant(found["cats/indexed.bmp"].image), 24).numpy()
+    np.testing.assert_allclose(decoded, true_colours, atol=1.0)
+
+
+def test_decompression_bomb_is_skipped_not_a_crash(tmp_path, monkeypatch):
+    from PIL import Image
+
+    tree = make_class_tree(tmp_path / "photos", {"cats": 10, "dogs": 10})  # 32x32 = 1024 pixels each
+    draw_photo(tree / "cats" / "huge.png", (10, 10, 10), (64, 64), seed=1)  # 4096 pixels
+    # PIL refuses images over 2 * MAX_IMAGE_PIXELS; lowering the limit stands in for a 200-megapixel photo.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    result, _ = run_ingest(make_params(tree), tmp_path)
+    assert [s["path"] for s in result["skipped"]] == ["cats/huge.png"]
+    assert result["num_examples"] == 20
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_greyscale_is_scaled_to_8_bit_rgb(tmp_path, fmt):
+    import tensorflow as tf
+    from PIL import Image
+
+    from components.images import decode_and_resize
+
+    tree = make_class_tree(tmp_path / "photos", {"cats": 10, "dogs": 10})
+    levels = np.tile(np.array([0, 256 * 40, 256 * 160, 65535], np.uint16), (24, 6))  # 24 x 24
+    Image.fromarray(levels).save(tree / "cats" / f"deep.{fmt.lower()}", format=fmt)
+    _, outputs = run_ingest(make_params(tree), tmp_path)
+    found = {r.key: r for recs in read_examples(outputs["examples"]).values() for r in recs}
+    decoded = decode_and_resize(tf.constant(found[f"cats/deep.{fmt.lower()}"].image), 24).numpy()
+    want = np.repeat((levels >> 8).astype(np.float32)[..., None], 3, axis=-1)
+    np.testing.assert_allclose(decoded, want, atol=1.0)
