@@ -22,6 +22,8 @@ FLOWERS_URL = "http://download.tensorflow.org/example_images/flower_photos.tgz"
 FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
+# Metrics of metrics/evaluate.json that evaluate.thresholds may gate on.
+GATED_METRICS = ("accuracy", "macro_f1")
 
 
 class ParamsError(GraftlineError):
@@ -91,6 +93,26 @@ class FineTuneParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 32
+    # Gate: metric name -> minimum, e.g. {accuracy: 0.9}; the stage exits non-zero below it.
+    thresholds: dict[str, float] = field(default_factory=dict)
+    # CI gate: largest accepted drop of test accuracy against the main branch's.
+    max_drop: float = 0.02
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Where train-head and fine-tune run (ingest, bottleneck and evaluate ignore it)."""
+    device: str = "auto"  # auto (GPU when TensorFlow sees one) | cpu | gpu
+    mixed_precision: str = "auto"  # auto (on for GPU) | on | off
+    # Compiled TFX pipelines (Vertex / Kubeflow): what the training components request.
+    accelerator: str = "NVIDIA_TESLA_T4"
+    accelerator_count: int = 1
+
+
+@dataclass(frozen=True)
+class TfxParams:
+    # Container image every compiled TFX component runs in (holds graftline and its venv).
+    image: str = "ghcr.io/graftline/graftline:latest"
 
 
 @dataclass(frozen=True)
@@ -105,6 +127,8 @@ class Params:
     augment: AugmentParams = field(default_factory=AugmentParams)
     fine_tune: FineTuneParams = field(default_factory=FineTuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    tfx: TfxParams = field(default_factory=TfxParams)
 
     def to_dict(self) -> dict[str, Any]:
         def plain(value):
@@ -139,6 +163,14 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         if not isinstance(value, str):
             _fail(key, value, "a string")
         return value
+    if kind == dict[str, float]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in value.items()
+        ):
+            _fail(key, value, "a mapping of metric names to numbers, e.g. {accuracy: 0.9}")
+        return {k: float(v) for k, v in value.items()}
     if kind == tuple[str, ...]:
         if value is None:
             return ()
@@ -173,7 +205,8 @@ def _build(cls, raw: Any, prefix: str):
     return cls(**values)
 
 
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple[str, ...]}
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple[str, ...],
+          "dict[str, float]": dict[str, float]}
 _SECTIONS = {
     "data": DataParams,
     "base": BaseParams,
@@ -182,6 +215,8 @@ _SECTIONS = {
     "augment": AugmentParams,
     "fine_tune": FineTuneParams,
     "evaluate": EvaluateParams,
+    "train": TrainParams,
+    "tfx": TfxParams,
 }
 
 
@@ -239,6 +274,22 @@ def _validate(p: Params) -> None:
         _fail("augment.rotation", p.augment.rotation, "a fraction of a full turn between 0 and 1")
     if not 0 <= p.augment.zoom < 1:
         _fail("augment.zoom", p.augment.zoom, "a fraction >= 0 and < 1")
+
+    if p.train.device not in ("auto", "cpu", "gpu"):
+        _fail("train.device", p.train.device, "auto, cpu or gpu")
+    if p.train.mixed_precision not in ("auto", "on", "off"):
+        _fail("train.mixed_precision", p.train.mixed_precision, "auto, on or off")
+    if p.train.accelerator_count < 1:
+        _fail("train.accelerator_count", p.train.accelerator_count, "an integer >= 1")
+    if not p.tfx.image:
+        _fail("tfx.image", p.tfx.image, "a container image reference")
+    if not 0 <= p.evaluate.max_drop <= 1:
+        _fail("evaluate.max_drop", p.evaluate.max_drop, "a fraction between 0 and 1")
+    for metric, minimum in p.evaluate.thresholds.items():
+        if metric not in GATED_METRICS:
+            _fail(f"evaluate.thresholds.{metric}", minimum, f"a threshold on one of {', '.join(GATED_METRICS)}")
+        if not 0 <= minimum <= 1:
+            _fail(f"evaluate.thresholds.{metric}", minimum, "a number between 0 and 1")
 
 
 def from_dict(raw: Any) -> Params:
