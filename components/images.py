@@ -16,6 +16,8 @@ CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN_RGB = (0.485, 0.456, 0.406)
 TORCH_STD_RGB = (0.229, 0.224, 0.225)
 MODES = ("tf", "torch", "caffe", "raw")
+# Part of the feature cache's fingerprint: bump it whenever decode_and_resize changes.
+DECODE_VERSION = "tf.io.decode_image+bilinear/1"
 
 
 def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:

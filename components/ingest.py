@@ -13,12 +13,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
+import os
 import re
 import tarfile
 import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -39,6 +42,8 @@ TF_NATIVE = {
 EXIF_ORIENTATION = 0x0112
 # Folders that archivers add beside the photos (macOS Finder's zip resource forks).
 JUNK_FOLDERS = {"__MACOSX"}
+# Below this many photos per extra process, starting it costs more than it saves.
+PHOTOS_PER_WORKER_MIN = 200
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,7 @@ def reencoded(data: bytes) -> bytes:
         return out.getvalue()
 
 
-def scan(root: Path, val_percent: float, test_percent: float, salt: str):
+def scan(root: Path, val_percent: float, test_percent: float, salt: str, workers: int = 1):
     """Walk the class folders: (class names, photos, skipped, duplicates, ignored)."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(Path(p.name)))
     ignored = [
@@ -190,13 +195,13 @@ def scan(root: Path, val_percent: float, test_percent: float, salt: str):
             if path.is_file() and not _is_hidden(rel):
                 files.append((rel.as_posix(), path, label))
     photos, skipped, duplicates, seen = [], [], [], {}
-    for key, path, label in tqdm(files, desc="ingest: checking photos", unit="photo"):
-        data = path.read_bytes()
-        reencode, reason = check_image(data)
+    checked = _check_files([str(path) for _, path, _ in files], workers)
+    for (key, path, label), (digest, reencode, reason) in zip(
+        files, tqdm(checked, total=len(files), desc="ingest: checking photos", unit="photo")
+    ):
         if reason:
             skipped.append({"path": key, "reason": reason})
             continue
-        digest = hashlib.sha256(data).hexdigest()
         if digest in seen:  # exact duplicate: keep one copy so test never sees a train photo
             duplicates.append({"path": key, "same_as": seen[digest]})
             continue
@@ -205,12 +210,31 @@ def scan(root: Path, val_percent: float, test_percent: float, salt: str):
     return classes, photos, skipped, duplicates, ignored
 
 
+def check_file(path: str) -> tuple[str, bool, str]:
+    """(sha256, reencode, reason) of one file; only these few bytes go back to the parent."""
+    data = Path(path).read_bytes()
+    reencode, reason = check_image(data)
+    return ("" if reason else hashlib.sha256(data).hexdigest()), reencode, reason
+
+
+def _check_files(paths: list[str], workers: int) -> Iterator[tuple[str, bool, str]]:
+    """check_file over all paths, in order, across ``workers`` processes (0 = one per core)."""
+    workers = min(workers or os.cpu_count() or 1, -(-len(paths) // PHOTOS_PER_WORKER_MIN))
+    if workers <= 1:
+        yield from map(check_file, paths)
+        return
+    # spawn, not fork: the parent may already run TensorFlow's threads.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(check_file, paths, chunksize=16)
+
+
 def run(params, inputs: dict, outputs: dict) -> dict:
     """inputs: download_dir (cache for URL/archive sources). outputs: examples, labels, report."""
     started = time.time()
     data = params.data
     root, rejected = resolve_source(data.source, data.sha256, Path(inputs["download_dir"]))
-    classes, photos, skipped, duplicates, ignored = scan(root, data.val_percent, data.test_percent, data.split_salt)
+    classes, photos, skipped, duplicates, ignored = scan(
+        root, data.val_percent, data.test_percent, data.split_salt, data.workers)
 
     if len(classes) < 2:
         raise GraftlineError(
@@ -261,6 +285,8 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         "splits": split_counts,
         "classes": per_class,
         "reencoded": sum(p.reencode for p in photos),
+        "num_skipped": len(skipped) + len(rejected),
+        "num_duplicates": len(duplicates),
         "skipped": skipped + rejected,
         "duplicates": duplicates,
         "ignored": ignored,

@@ -42,6 +42,8 @@ class DataParams:
     split_salt: str = ""
     shard_size: int = 1000
     min_per_class: int = 2
+    # Processes that check photos in parallel; 0 = one per core.
+    workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class BottleneckParams:
     # Free-form Beam flags, e.g. ["--direct_running_mode=multi_processing", "--direct_num_workers=2"].
     beam_options: tuple[str, ...] = ()
     batch_size: int = 32
+    # DirectRunner processes: 1 = in-memory (fastest on 2 cores, see README), N > 1 = multi-processing.
+    workers: int = 1
+    # Per-image feature cache ('' = off): a re-run computes only new photos. Any Beam filesystem path.
+    cache_dir: str = "data/feature_cache"
 
 
 @dataclass(frozen=True)
@@ -238,6 +244,8 @@ def _validate(p: Params) -> None:
         _fail("data.shard_size", d.shard_size, "an integer >= 1")
     if d.min_per_class < 1:
         _fail("data.min_per_class", d.min_per_class, "an integer >= 1")
+    if d.workers < 0:
+        _fail("data.workers", d.workers, "an integer >= 0 (0 = one per core)")
 
     b = p.base
     if b.model not in base_models.REGISTRY:
@@ -247,6 +255,8 @@ def _validate(p: Params) -> None:
     if not b.weights:
         _fail("base.weights", b.weights, "'imagenet', 'none' or a path to a weights file")
 
+    if p.bottleneck.workers < 1:
+        _fail("bottleneck.workers", p.bottleneck.workers, "an integer >= 1")
     if not p.bottleneck.runner:
         _fail("bottleneck.runner", p.bottleneck.runner, "a Beam runner name such as DirectRunner")
     for section in ("bottleneck", "train_head", "fine_tune", "evaluate"):

@@ -1,0 +1,170 @@
+"""The Beam bottleneck stage on drawn photos: Parquet schema, runners, the per-image feature cache."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from components import bottleneck, features, ingest, records
+from drawing import make_class_tree
+from pipeline import params as params_mod
+from pipeline import runtime
+
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """A real Keras weights file for MobileNetV2 alpha 0.35 (seeded random values): no download."""
+    import keras
+
+    from components import base_models
+
+    runtime.configure(0)
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_0.35.weights.h5"
+    base_models.build_base("mobilenet_v2", 0.35, SIZE, None).save_weights(path)
+    del keras
+    return path
+
+
+def make_params(weights: Path, cache_dir: str = "", workers: int = 1, image_size: int = SIZE):
+    return params_mod.from_dict({
+        "data": {"source": "unused", "sha256": "", "val_percent": 25, "test_percent": 25},
+        "base": {"alpha": 0.35, "image_size": image_size, "weights": str(weights)},
+        "bottleneck": {"cache_dir": cache_dir, "workers": workers, "batch_size": 8},
+    })
+
+
+def ingested(tmp: Path, counts: dict[str, int], start: int = 0, tree: Path | None = None) -> Path:
+    tree = make_class_tree(tree or tmp / "photos", counts, size=(48, 40), start=start)
+    p = params_mod.from_dict({"data": {"source": str(tree), "sha256": "", "val_percent": 25, "test_percent": 25}})
+    out = tmp / "work"
+    ingest.run(p, {"download_dir": out / "raw"},
+               {"examples": out / "examples", "labels": out / "labels.json", "report": out / "ingest.json"})
+    return out / "examples"
+
+
+def extract(params, examples: Path, out: Path) -> dict:
+    runtime.configure(params.seed)
+    return bottleneck.run(params, {"examples": examples}, {"bottlenecks": out / "bottlenecks", "report": out / "report.json"})
+
+
+def all_features(folder: Path) -> dict[str, np.ndarray]:
+    found = {}
+    for split in records.SPLITS:
+        keys, _, feats = features.read_split(folder, split)
+        found.update(zip(keys, feats))
+    return found
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory) -> Path:
+    return ingested(tmp_path_factory.mktemp("photos"), {"cats": 10, "dogs": 10, "owls": 10})
+
+
+def test_parquet_schema_rows_and_keys(weights, examples, tmp_path):
+    report = extract(make_params(weights), examples, tmp_path)
+    assert report["forward_passes"] == 30 and report["feature_width"] == 1280
+    for split in records.SPLITS:
+        paths = features.files(tmp_path / "bottlenecks", split)
+        schema = pq.read_schema(paths[0])
+        assert schema.equals(features.schema(1280), check_metadata=False)
+        assert str(schema.field("features").type) == "fixed_size_list<item: float>[1280]"
+        keys, labels, feats = features.read_split(tmp_path / "bottlenecks", split)
+        import tensorflow as tf
+
+        recs = [records.from_example(r.numpy()) for r in tf.data.TFRecordDataset(
+            [str(p) for p in records.shard_paths(examples, split)], compression_type="GZIP")]
+        assert keys == sorted(r.key for r in recs) and report["rows"][split] == len(recs)
+        assert labels.tolist() == [r.label for r in sorted(recs, key=lambda r: r.key)]
+        assert np.isfinite(feats).all() and feats.std() > 0
+
+
+def test_in_memory_and_multi_process_give_the_same_features(weights, examples, tmp_path):
+    in_memory = extract(make_params(weights, workers=1), examples, tmp_path / "one")
+    multi = extract(make_params(weights, workers=2), examples, tmp_path / "two")
+    assert "--direct_running_mode=multi_processing" in multi["beam_flags"]
+    assert "--direct_num_workers=2" in multi["beam_flags"]
+    assert in_memory["forward_passes"] == multi["forward_passes"] == 30
+    a, b = all_features(tmp_path / "one" / "bottlenecks"), all_features(tmp_path / "two" / "bottlenecks")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-5)
+    # workers x threads never exceeds the cores
+    import os
+
+    assert multi["tf_threads_per_worker"] * 2 <= max(2, os.cpu_count())
+
+
+def test_user_flags_override_the_running_mode(weights):
+    params = params_mod.from_dict({
+        "data": {"source": "unused", "sha256": ""},
+        "bottleneck": {"workers": 4, "beam_options": ["--direct_running_mode=multi_threading"]},
+    })
+    flags = bottleneck.beam_flags(params.bottleneck)
+    assert flags == ["--runner=DirectRunner", "--direct_running_mode=multi_threading"]
+
+
+def test_rerun_after_adding_photos_makes_only_the_new_forward_passes(weights, tmp_path):
+    cache = str(tmp_path / "cache")
+    tree = tmp_path / "photos"
+    examples = ingested(tmp_path, {"cats": 8, "dogs": 8}, tree=tree)
+    first = extract(make_params(weights, cache), examples, tmp_path / "run1")
+    assert first["forward_passes"] == 16 and first["cache"]["hits"] == 0
+    again = extract(make_params(weights, cache), examples, tmp_path / "run2")
+    assert again["forward_passes"] == 0 and again["cache"]["hits"] == 16
+    assert _equal(all_features(tmp_path / "run1/bottlenecks"), all_features(tmp_path / "run2/bottlenecks"))
+
+    examples = ingested(tmp_path, {"cats": 3, "dogs": 2}, start=100, tree=tree)  # 5 new photos
+    grown = extract(make_params(weights, cache), examples, tmp_path / "run3")
+    assert grown["forward_passes"] == 5 and grown["cache"]["hits"] == 16
+    grown_features = all_features(tmp_path / "run3/bottlenecks")
+    assert len(grown_features) == 21
+    old = all_features(tmp_path / "run1/bottlenecks")
+    assert _equal(old, {k: grown_features[k] for k in old})
+
+    resized = extract(make_params(weights, cache, image_size=SIZE + 32), examples, tmp_path / "run4")
+    assert resized["forward_passes"] == 21 and resized["cache"]["folder"] != grown["cache"]["folder"]
+
+
+def test_torn_or_corrupt_cache_entries_are_recomputed_not_read(weights, examples, tmp_path):
+    cache = tmp_path / "cache"
+    extract(make_params(weights, str(cache)), examples, tmp_path / "run1")
+    entries = sorted(cache.rglob("*.f32"))
+    assert len(entries) == 30
+    torn, flipped = entries[0], entries[1]
+    torn.write_bytes(torn.read_bytes()[:1000])  # a write killed halfway
+    data = bytearray(flipped.read_bytes())
+    data[100] ^= 0xFF  # same length, wrong checksum
+    flipped.write_bytes(bytes(data))
+    report = extract(make_params(weights, str(cache)), examples, tmp_path / "run2")
+    assert report["forward_passes"] == 2 and report["cache"]["unreadable_entries_recomputed"] == 2
+    assert report["cache"]["hits"] == 28
+    assert _equal(all_features(tmp_path / "run1/bottlenecks"), all_features(tmp_path / "run2/bottlenecks"))
+    assert len(flipped.read_bytes()) == 1280 * 4 + 4 and not list(cache.rglob("*.tmp-*"))
+
+
+def test_random_weights_are_never_cached(examples, tmp_path):
+    params = params_mod.from_dict({
+        "data": {"source": "unused", "sha256": ""},
+        "base": {"alpha": 0.35, "image_size": SIZE, "weights": "none"},
+        "bottleneck": {"cache_dir": str(tmp_path / "cache")},
+    })
+    report = extract(params, examples, tmp_path)
+    assert report["cache"]["folder"] is None and not (tmp_path / "cache").exists()
+
+
+def test_missing_examples_is_one_clear_error(weights, tmp_path):
+    from components.errors import GraftlineError
+
+    with pytest.raises(GraftlineError, match="run ingest first"):
+        extract(make_params(weights), tmp_path / "nothing", tmp_path)
+    assert not (tmp_path / "bottlenecks").exists()
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
