@@ -452,3 +452,65 @@ def test_16_bit_greyscale_is_scaled_to_8_bit_rgb(tmp_path, fmt):
     decoded = decode_and_resize(tf.constant(found[f"cats/deep.{fmt.lower()}"].image), 24).numpy()
     want = np.repeat((levels >> 8).astype(np.float32)[..., None], 3, axis=-1)
     np.testing.assert_allclose(decoded, want, atol=1.0)
+
+
+def _kind(kind: str, path: Path) -> np.ndarray:
+    """Write one photo of a given kind at ``path``; return the RGB pixels it must decode to."""
+    from PIL import Image
+
+    rgb = pixels((200, 90, 30), (24, 24), seed=7, noise=30)
+    if kind == "cmyk_jpeg":
+        image = Image.fromarray(rgb).convert("CMYK")
+        image.save(path, format="JPEG", quality=95)
+        return np.asarray(Image.open(path).convert("RGB"), np.float32)
+    if kind == "grey_jpeg":
+        Image.fromarray(rgb).convert("L").save(path, format="JPEG", quality=95)
+        return np.repeat(np.asarray(Image.open(path), np.float32)[..., None], 3, axis=-1)
+    if kind == "rgba_png":
+        alpha = np.full((24, 24, 1), 128, np.uint8)
+        Image.fromarray(np.concatenate([rgb, alpha], axis=-1), "RGBA").save(path, format="PNG")
+        return rgb.astype(np.float32)  # colour channels kept, alpha dropped
+    if kind == "animated_gif":
+        frames = [Image.fromarray(solid(c, (24, 24))).convert("P") for c in ((255, 0, 0), (0, 0, 255))]
+        frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+        return np.asarray(Image.open(path).convert("RGB"), np.float32)  # the first frame
+    if kind == "png_named_jpg":  # the extension lies; content decides
+        Image.fromarray(rgb).save(path, format="PNG")
+        return rgb.astype(np.float32)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["cmyk_jpeg", "grey_jpeg", "rgba_png", "animated_gif", "png_named_jpg"])
+def test_every_image_kind_decodes_to_8_bit_rgb(tmp_path, kind):
+    import tensorflow as tf
+
+    from components.images import decode_and_resize
+
+    tree = make_class_tree(tmp_path / "photos", {"cats": 10, "dogs": 10})
+    name = "odd.jpg" if kind in ("png_named_jpg", "cmyk_jpeg", "grey_jpeg") else f"odd.{kind.split('_')[-1]}"
+    want = _kind(kind, tree / "cats" / name)
+    result, outputs = run_ingest(make_params(tree), tmp_path)
+    assert result["num_examples"] == 21 and result["skipped"] == []
+    found = {r.key: r for recs in read_examples(outputs["examples"]).values() for r in recs}
+    decoded = decode_and_resize(tf.constant(found[f"cats/{name}"].image), 24).numpy()
+    np.testing.assert_allclose(decoded, want, atol=2.0)
+
+
+def test_tar_symlink_member_is_refused_not_followed(tmp_path):
+    import io
+    import tarfile
+
+    tree = make_class_tree(tmp_path / "drawn", {"cats": 10, "dogs": 10})
+    archive = tmp_path / "photos.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in tree_members(tree, "photos/").items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("photos/cats/passwd.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    result, _ = run_ingest(make_params(archive), tmp_path / "work")
+    assert result["num_examples"] == 20
+    assert [s["path"] for s in result["skipped"]] == ["photos/cats/passwd.jpg"]
+    assert not list((tmp_path / "work" / "raw").rglob("passwd.jpg"))
