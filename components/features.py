@@ -26,8 +26,17 @@ def schema(width: int) -> pa.Schema:
     )
 
 
-def row(key: str, label: int, split: str, features: np.ndarray) -> dict:
-    return {KEY: key, LABEL: int(label), SPLIT: split, FEATURES: np.asarray(features, np.float32).tolist()}
+def table(rows, width: int) -> pa.Table:
+    """(key, label, split, feature vector) tuples -> a Table with this schema, without Python float lists."""
+    if not rows:
+        return schema(width).empty_table()
+    keys, labels, splits, vectors = zip(*rows)
+    flat = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in vectors])
+    if flat.size != width * len(rows):
+        raise ValueError(f"feature vectors must have {width} values each; got {flat.size} for {len(rows)} rows")
+    columns = [pa.array(keys, pa.string()), pa.array(labels, pa.int32()), pa.array(splits, pa.string()),
+               pa.FixedSizeListArray.from_arrays(pa.array(flat), width)]
+    return pa.Table.from_arrays(columns, schema=schema(width))
 
 
 def files(bottlenecks_dir: Path, split: str) -> list[Path]:

@@ -25,9 +25,9 @@ def write_split(folder: Path, split: str, keys, labels, feats, n_files: int = 1)
     width = np.asarray(feats).shape[1]
     paths = []
     for i in range(n_files):
-        rows = [features.row(k, l, split, f) for j, (k, l, f) in enumerate(zip(keys, labels, feats)) if j % n_files == i]
+        rows = [(k, l, split, f) for j, (k, l, f) in enumerate(zip(keys, labels, feats)) if j % n_files == i]
         path = folder / f"{split}-{i:05d}-of-{n_files:05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(rows, schema=features.schema(width)), path)
+        pq.write_table(features.table(rows, width), path)
         paths.append(path)
     return paths
 
@@ -230,7 +230,8 @@ def test_schema_is_fixed_width_float32():
     assert schema.names == [features.KEY, features.LABEL, features.SPLIT, features.FEATURES]
     assert schema.field(features.FEATURES).type == pa.list_(pa.float32(), 5)
     assert schema.field(features.LABEL).type == pa.int32()
-    row = features.row("k", np.int64(2), "train", np.arange(5, dtype=np.float64))
-    assert row == {"key": "k", "label": 2, "split": "train", "features": [0.0, 1.0, 2.0, 3.0, 4.0]}
-    with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError, ValueError)):
-        pa.Table.from_pylist([features.row("k", 0, "train", np.zeros(4))], schema=schema)
+    table = features.table([("k", np.int64(2), "train", np.arange(5, dtype=np.float64))], 5)
+    assert table.schema.equals(schema)
+    assert table.to_pylist() == [{"key": "k", "label": 2, "split": "train", "features": [0.0, 1.0, 2.0, 3.0, 4.0]}]
+    with pytest.raises(ValueError, match="5 values"):
+        features.table([("k", 0, "train", np.zeros(4))], 5)
