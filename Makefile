@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # dvc runs `graftline`, so the venv's bin goes first on PATH.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup repro test clean
+.PHONY: setup setup-gpu repro test clean ci-evaluate
 
 setup: $(STAMP)
 
@@ -21,11 +21,37 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import tensorflow, apache_beam, dvc, pyarrow, ml_metadata; from tfx.dsl.component.experimental.decorators import component; from tfx.orchestration.local.local_dag_runner import LocalDagRunner"
 	touch $@
 
+# GPU machines (train.yml): TensorFlow's CUDA libraries as pip wheels (~3 GB), so that the
+# machine needs only the NVIDIA driver. Same TensorFlow version, plus its and-cuda extra.
+setup-gpu: setup
+	$(BIN)/python -m pip install --quiet "tensorflow[and-cuda]==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("tensorflow"))')"
+
 repro: setup
 	$(RUN) dvc repro
 
 test: setup
 	$(RUN) python -m pytest -ra
+
+# CI's evaluation gate (evaluate.yml runs it after `make setup` and `dvc pull`), on a finished
+# pipeline whose model was trained elsewhere (train.yml), never here:
+# 1. refuse training outputs that are missing or that this commit's code and params would not make;
+# 2. re-run evaluation only, with metrics/ and plots/ moved aside so it writes them anew
+#    (--single-item: the training stages' moved metrics must not make DVC retrain; --force: not
+#    restored from DVC's run cache), then put back the moved files it did not rewrite;
+# 3. `graftline gate`: evaluate.thresholds, and accuracy against BASELINE (a metrics file;
+#    default: $(BASELINE_REF):metrics/evaluate.json when that exists, else thresholds only).
+BASELINE ?=
+BASELINE_REF ?= main
+ci-evaluate:
+	@$(RUN) dvc status --quiet --with-deps fine_tune || { echo "ci-evaluate: the training outputs are missing or stale (see dvc status --with-deps fine_tune): dvc pull them, or train and dvc push (train.yml)" >&2; exit 1; }
+	@set -e; aside=$$(mktemp -d); trap 'st=$$?; cp -Rpn "$$aside"/. . || true; rm -rf "$$aside"; exit $$st' EXIT; \
+	for d in metrics plots; do if [ -e $$d ]; then mv $$d "$$aside"/; fi; done; \
+	$(RUN) dvc repro --single-item --force evaluate
+	@base="$(BASELINE)"; \
+	if [ -z "$$base" ] && git cat-file -e "$(BASELINE_REF):metrics/evaluate.json" 2>/dev/null; then \
+	  base=$$(mktemp); trap 'st=$$?; rm -f "$$base"; exit $$st' EXIT; \
+	  git show "$(BASELINE_REF):metrics/evaluate.json" > "$$base"; fi; \
+	$(RUN) graftline gate $${base:+--baseline "$$base"}
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -75,6 +75,19 @@ REGISTRY: dict[str, BaseSpec] = {
 }
 
 
+KERAS_PREFIX = "keras:"
+
+
+def is_keras_file(model: str) -> bool:
+    """``keras:<path>``: any saved .keras model used as the base (a self-trained network)."""
+    return model.startswith(KERAS_PREFIX)
+
+
+def preprocessing_of(model: str) -> str:
+    # A self-trained base normalises inside itself, as graftline's own models do.
+    return "raw" if is_keras_file(model) else REGISTRY[model].preprocessing
+
+
 def keras_models_dir() -> Path:
     """Where Keras keeps downloaded weights: $KERAS_HOME/models, default ~/.keras/models."""
     home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
@@ -83,6 +96,16 @@ def keras_models_dir() -> Path:
 
 def resolve_weights(model: str, alpha: float, image_size: int, weights: str) -> str | None:
     """Return the weights file to load (None for random weights), fetching ImageNet's once."""
+    if is_keras_file(model):  # the weights are in the .keras file itself
+        path = Path(model[len(KERAS_PREFIX):]).expanduser()
+        if not path.is_file():
+            raise GraftlineError(f"params: base.model = {model!r}: no such .keras file {path}")
+        if weights != "imagenet":
+            raise GraftlineError(
+                f"params: base.weights = {weights!r} does not apply to {model}: its weights are in the file; "
+                "leave base.weights at its default"
+            )
+        return str(path)
     if weights == "none":
         return None
     if weights != "imagenet":
@@ -112,10 +135,39 @@ def resolve_weights(model: str, alpha: float, image_size: int, weights: str) -> 
     return str(fetch(url, path, what=f"ImageNet weights for {model}", offline_hint=hint))
 
 
-def build_base(model: str, alpha: float, image_size: int, weights_path: str | None):
+def _keras_file_base(path: str, image_size: int, feature_layer: str):
+    """A saved model cut at ``feature_layer`` (default: the layer before its last), pooled if spatial."""
+    import keras
+
+    import components.images  # noqa: F401  (registers graftline's layers for loading)
+
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:
+        raise GraftlineError(f"cannot load base.model file {path}: {exc}") from None
+    if model.input_shape[1:] != (image_size, image_size, 3):
+        raise GraftlineError(
+            f"base.model {path} takes inputs of shape {model.input_shape[1:]}, but base.image_size is "
+            f"{image_size} (graftline feeds RGB images of (image_size, image_size, 3))"
+        )
+    names = [layer.name for layer in model.layers]
+    name = feature_layer or names[-2]
+    if name not in names:
+        raise GraftlineError(f"base.feature_layer = {feature_layer!r} is not a layer of {path}; its layers: {', '.join(names)}")
+    features = model.get_layer(name).output
+    if len(features.shape) == 4:
+        features = keras.layers.GlobalAveragePooling2D(name="feature_pool")(features)
+    elif len(features.shape) != 2:
+        raise GraftlineError(f"base.feature_layer {name!r} outputs shape {features.shape}; expected (batch, width) or an image")
+    return keras.Model(model.inputs, features, name="keras_base")
+
+
+def build_base(model: str, alpha: float, image_size: int, weights_path: str | None, feature_layer: str = ""):
     """The frozen-able base: no top, global average pooling, output = feature vector."""
     import keras
 
+    if is_keras_file(model):
+        return _keras_file_base(weights_path, image_size, feature_layer)
     spec = REGISTRY[model]
     kwargs = dict(input_shape=(image_size, image_size, 3), include_top=False, pooling="avg", weights=None)
     if spec.uses_alpha:
@@ -131,15 +183,16 @@ def build_base(model: str, alpha: float, image_size: int, weights_path: str | No
     return base
 
 
-def build_feature_extractor(model: str, alpha: float, image_size: int, weights_path: str | None):
+def build_feature_extractor(model: str, alpha: float, image_size: int, weights_path: str | None,
+                            feature_layer: str = ""):
     """[0, 255] RGB images -> bottleneck features: preprocessing + base, base in inference mode."""
     import keras
 
     from components.images import ImagePreprocessing
 
-    base = build_base(model, alpha, image_size, weights_path)
+    base = build_base(model, alpha, image_size, weights_path, feature_layer)
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = ImagePreprocessing(REGISTRY[model].preprocessing, name="preprocessing")(inputs)
+    x = ImagePreprocessing(preprocessing_of(model), name="preprocessing")(inputs)
     # training=False keeps BatchNorm in inference mode even when layers are unfrozen.
     features = base(x, training=False)
     return keras.Model(inputs, features, name="feature_extractor")

@@ -3,6 +3,11 @@
 Outputs: ``metrics`` (accuracy, loss, macro F1, per-class precision/recall/F1
 and support), ``confusion`` (one row per test photo, actual and predicted
 class names, for DVC's confusion template), ``report`` (wall time, devices).
+
+The gate: once its outputs are written, the stage fails (one line naming the
+metric, its value and the threshold) when a metric is below
+``evaluate.thresholds``; components/gate.py holds the rule, which
+``graftline gate`` also applies against a baseline.
 """
 from __future__ import annotations
 
@@ -11,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from components import devices, gate
 from components.atomic import read_json, write_csv, write_json
 from components.errors import GraftlineError
 from components.fine_tune import LABELS_FILE, MODEL_FILE, image_dataset
-from components.train_head import devices
 
 
 def per_class_scores(actual: np.ndarray, predicted: np.ndarray, labels: list[str]) -> dict:
@@ -66,6 +71,10 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         "per_class": per_class,
     }
     write_json(Path(outputs["metrics"]), metrics)
-    report = {"wall_time_s": round(time.time() - started, 2), "devices": devices()}
+    report = {"wall_time_s": round(time.time() - started, 2), "devices": devices.visible()}
     write_json(Path(outputs["report"]), report)
+    # Checked after writing, so a failed gate still leaves the figures to look at (DVC records no run).
+    failures = gate.threshold_failures(metrics, params.evaluate.thresholds)
+    if failures:
+        raise GraftlineError("; ".join(failures))
     return {**metrics, **report}

@@ -8,18 +8,18 @@ augmentation (training only) at ``fine_tune.learning_rate``.
 Outputs: ``model`` (model.keras, saved_model/ whose ``serve`` signature takes
 encoded image bytes and returns class names and probabilities, labels.json),
 ``metrics``, ``plots`` (epochs numbered after the head's so the curves join),
-``report`` (wall time, devices, layer counts).
+``report`` (wall time, layer counts; devices, strategy and dtype policy from
+components.devices).
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from components import base_models, images, records
+from components import base_models, devices, images, records
 from components.atomic import atomic_dir, read_json, write_csv, write_json
 from components.errors import GraftlineError
-from components.train_head import (CURVE_COLUMNS, HEAD_FILE, HEAD_INFO, curve_rows, devices,
-                                   keras_verbosity, make_optimizer)
+from components.train_head import CURVE_COLUMNS, HEAD_FILE, HEAD_INFO, curve_rows, keras_verbosity, make_optimizer
 
 MODEL_FILE = "model.keras"
 SAVED_MODEL_DIR = "saved_model"
@@ -81,6 +81,18 @@ def image_dataset(examples_dir: Path, split: str, image_size: int, batch_size: i
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def split_batch_size(examples_dir: Path, split: str, placement: dict) -> int:
+    """The global batch size, made to split evenly over several replicas (see devices.batch_for)."""
+    import tensorflow as tf
+
+    replicas, global_batch = placement["replicas"], placement["global_batch_size"]
+    if replicas == 1:
+        return global_batch  # no need to count the photos
+    paths = [str(p) for p in records.shard_paths(examples_dir, split)]
+    count = int(tf.data.TFRecordDataset(paths, compression_type=records.COMPRESSION).reduce(0, lambda n, _: n + 1))
+    return devices.batch_for(global_batch, replicas, count, f"fine-tune: {split} split")
+
+
 def export(model, labels: list[str], image_size: int, out_dir: Path) -> None:
     """model.keras, labels.json and a SavedModel whose ``serve`` takes encoded image bytes."""
     import keras
@@ -115,24 +127,30 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     head_info = read_json(head_dir / HEAD_INFO)
     if head_info["labels"] != labels:
         raise GraftlineError(f"{head_dir} was trained on classes {head_info['labels']}, not {labels}; re-run train-head")
-    head = keras.saving.load_model(head_dir / HEAD_FILE)
-    model, base = build_classifier(params, head)
+    # Device setup was done by the adapter (pipeline/runtime.py); here it is only read. Every
+    # variable (head, base, optimizer) is made in the strategy's scope, so it is mirrored on each GPU.
+    strategy = devices.strategy()
+    placement = devices.placement(strategy, f.batch_size)
+    with strategy.scope():
+        head = keras.saving.load_model(head_dir / HEAD_FILE)
+        model, base = build_classifier(params, head)
+        model.compile(optimizer=make_optimizer(f.optimizer, f.learning_rate),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     examples = Path(inputs["examples"])
     size = params.base.image_size
-    val = image_dataset(examples, "val", size, f.batch_size)
-    model.compile(optimizer=make_optimizer(f.optimizer, f.learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    batch_size = {split: split_batch_size(examples, split, placement) for split in ("train", "val")}
+    val = image_dataset(examples, "val", size, batch_size["val"])
 
     rows = []
     if f.epochs > 0:
-        train = image_dataset(examples, "train", size, f.batch_size, shuffle_seed=params.seed,
+        train = image_dataset(examples, "train", size, batch_size["train"], shuffle_seed=params.seed,
                               augment=augmenter(params))
         history = model.fit(train, validation_data=val, epochs=f.epochs, shuffle=False,  # shuffled above, by seed
                             verbose=keras_verbosity()).history
         rows = curve_rows(history, head_info["epochs_run"] + 1)
         final = {c: history[c][-1] for c in CURVE_COLUMNS[1:]}
     else:  # nothing trained: report what base + head score as they are
-        train = image_dataset(examples, "train", size, f.batch_size)
+        train = image_dataset(examples, "train", size, batch_size["train"])
         loss, accuracy = model.evaluate(train, verbose=0)
         val_loss, val_accuracy = model.evaluate(val, verbose=0)
         final = {"accuracy": accuracy, "loss": loss, "val_accuracy": val_accuracy, "val_loss": val_loss}
@@ -144,7 +162,7 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     metrics.update({"epochs": f.epochs, "fine_tune_at": params.fine_tune_at,
                     "trainable_base_layers": sum(1 for layer in base.layers if layer.trainable)})
     write_json(Path(outputs["metrics"]), metrics)
-    report = {"wall_time_s": round(time.time() - started, 2), "devices": devices(),
+    report = {"wall_time_s": round(time.time() - started, 2), **placement, "batch_sizes": batch_size,
               "base_layers": len(base.layers), "trainable_weights": len(model.trainable_weights)}
     write_json(Path(outputs["report"]), report)
     return {**metrics, **report}

@@ -16,9 +16,12 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 import tarfile
 import time
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
@@ -220,12 +223,20 @@ def check_file(path: str) -> tuple[str, bool, str]:
 def _check_files(paths: list[str], workers: int) -> Iterator[tuple[str, bool, str]]:
     """check_file over all paths, in order, across ``workers`` processes (0 = one per core)."""
     workers = min(workers or os.cpu_count() or 1, -(-len(paths) // PHOTOS_PER_WORKER_MIN))
-    if workers <= 1:
-        yield from map(check_file, paths)
-        return
-    # spawn, not fork: the parent may already run TensorFlow's threads.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(check_file, paths, chunksize=16)
+    done = 0
+    if workers > 1:
+        # spawn, not fork: the parent may already run TensorFlow's threads.
+        context = multiprocessing.get_context("spawn")
+        try:
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                for result in pool.map(check_file, paths, chunksize=16):
+                    done += 1
+                    yield result
+        except BrokenProcessPool:
+            # Workers could not start (e.g. a __main__ read from stdin cannot be re-imported):
+            # finish in this process rather than hang or fail.
+            print("ingest: parallel checking unavailable here; continuing in one process", file=sys.stderr)
+    yield from map(check_file, paths[done:])
 
 
 def run(params, inputs: dict, outputs: dict) -> dict:

@@ -6,7 +6,7 @@ to ``train_head.epochs`` and stops when val loss has not improved for
 
 Outputs: ``head`` (head.keras + head.json), ``metrics`` (the best epoch's
 train/val loss and accuracy), ``plots`` (one CSV row per epoch), ``report``
-(wall time, devices).
+(wall time; devices, strategy and dtype policy from components.devices).
 """
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-from components import features
+from components import devices, features
 from components.atomic import atomic_dir, read_json, write_csv, write_json
 from components.errors import GraftlineError
 
 HEAD_FILE = "head.keras"
 HEAD_INFO = "head.json"
 CURVE_COLUMNS = ("epoch", "accuracy", "loss", "val_accuracy", "val_loss")
+VAL_BATCH_SIZE = 32  # Keras' default for validation arrays
 
 
 def make_optimizer(name: str, learning_rate: float):
@@ -35,7 +36,8 @@ def build_head(feature_width: int, num_classes: int, dropout: float):
 
     inputs = keras.Input((feature_width,), name="features")
     x = keras.layers.Dropout(dropout, name="head_dropout")(inputs)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="head_dense")(x)
+    # float32 whatever the global policy: under mixed precision a float16 softmax loses small probabilities.
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="head_dense", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="head")
 
 
@@ -47,12 +49,6 @@ def keras_verbosity() -> int:
 def curve_rows(history: dict, first_epoch: int) -> list[list]:
     n = len(history["loss"])
     return [[first_epoch + i] + [round(float(history[c][i]), 6) for c in CURVE_COLUMNS[1:]] for i in range(n)]
-
-
-def devices() -> list[str]:
-    import tensorflow as tf
-
-    return [d.name for d in tf.config.list_logical_devices()]
 
 
 def run(params, inputs: dict, outputs: dict) -> dict:
@@ -69,18 +65,25 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     if len(x_train) == 0 or len(x_val) == 0:
         raise GraftlineError("train-head needs photos in both the train and val splits; add photos")
 
-    head = build_head(x_train.shape[1], len(labels), p.dropout)
-    head.compile(optimizer=make_optimizer(p.optimizer, p.learning_rate),
-                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    # Device setup was done by the adapter (pipeline/runtime.py); here it is only read.
+    strategy = devices.strategy()
+    placement = devices.placement(strategy, p.batch_size)
+    with strategy.scope():
+        head = build_head(x_train.shape[1], len(labels), p.dropout)
+        head.compile(optimizer=make_optimizer(p.optimizer, p.learning_rate),
+                     loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    replicas = placement["replicas"]
+    batch_size = devices.batch_for(placement["global_batch_size"], replicas, len(x_train), "train-head: train split")
     train = (tf.data.Dataset.from_tensor_slices((x_train, y_train))
              .shuffle(len(x_train), seed=params.seed, reshuffle_each_iteration=True)
-             .batch(p.batch_size))
+             .batch(batch_size))
     callbacks = []
     if p.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=p.early_stopping_patience, restore_best_weights=True))
+    val_batch_size = devices.batch_for(VAL_BATCH_SIZE * replicas, replicas, len(x_val), "train-head: val split")
     fit = head.fit(train, validation_data=(x_val, y_val), epochs=p.epochs, shuffle=False,  # shuffled above
-                   callbacks=callbacks, verbose=keras_verbosity())
+                   validation_batch_size=val_batch_size, callbacks=callbacks, verbose=keras_verbosity())
     history = fit.history
     epochs_run = len(history["loss"])
     # With early stopping the weights are the best epoch's, and so are the reported figures.
@@ -104,6 +107,7 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     }
     write_json(Path(outputs["metrics"]), metrics)
     # Timing and devices vary run to run, so they go to the report, not the metrics DVC compares.
-    report = {"wall_time_s": round(time.time() - started, 2), "devices": devices()}
+    report = {"wall_time_s": round(time.time() - started, 2), **placement,
+              "batch_sizes": {"train": batch_size, "val": val_batch_size}}
     write_json(Path(outputs["report"]), report)
     return {**metrics, **report}

@@ -54,6 +54,8 @@ class BaseParams:
     # "imagenet" (Keras' file in $KERAS_HOME/models, downloaded once), "none"
     # (random weights, asked for explicitly) or a path to a weights file.
     weights: str = "imagenet"
+    # For base.model keras:<path>: the layer whose output is the bottleneck ('' = the one before the last).
+    feature_layer: str = ""
 
 
 @dataclass(frozen=True)
@@ -248,10 +250,16 @@ def _validate(p: Params) -> None:
         _fail("data.workers", d.workers, "an integer >= 0 (0 = one per core)")
 
     b = p.base
-    if b.model not in base_models.REGISTRY:
-        _fail("base.model", b.model, f"one of {', '.join(sorted(base_models.REGISTRY))}")
-    for key, value, allowed in base_models.REGISTRY[b.model].problems(b.alpha, b.image_size):
-        _fail(key, value, allowed)
+    if base_models.is_keras_file(b.model):
+        if b.image_size < 8:
+            _fail("base.image_size", b.image_size, "an integer >= 8, the input size of the keras: model")
+    elif b.model not in base_models.REGISTRY:
+        _fail("base.model", b.model, f"one of {', '.join(sorted(base_models.REGISTRY))}, or keras:<path to a .keras model>")
+    else:
+        for key, value, allowed in base_models.REGISTRY[b.model].problems(b.alpha, b.image_size):
+            _fail(key, value, allowed)
+        if b.feature_layer:
+            _fail("base.feature_layer", b.feature_layer, f"'' for {b.model} (it applies to keras:<path> bases)")
     if not b.weights:
         _fail("base.weights", b.weights, "'imagenet', 'none' or a path to a weights file")
 

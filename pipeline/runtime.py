@@ -22,3 +22,67 @@ def configure(seed: int) -> None:
     keras.utils.set_random_seed(seed)  # also seeds tf.random and Python's hash-free RNGs
     tf.config.experimental.enable_op_determinism()
 
+
+
+# Stages that train and so read train.device; ingest and evaluate never use a GPU.
+TRAINING_STAGES = ("train_head", "fine_tune")
+CPU_ONLY_STAGES = ("ingest", "evaluate")
+
+
+def configure_devices(stage: str, params, own_process: bool = True) -> None:
+    """Device setup before a stage (components.<stage>), the same from both adapters.
+
+    Training stages follow train.device and train.mixed_precision; the others run
+    in float32 (the dtype policy is process-wide, so a training stage's must not
+    leak into them). When the stage has a process of its own (the CLI), ingest and
+    evaluate also hide any GPU; TFX's LocalDagRunner runs every stage in one
+    process, where that would hide the GPUs from training too.
+    """
+    import keras
+
+    if stage in TRAINING_STAGES:
+        configure_training(params.train)
+        return
+    keras.mixed_precision.set_global_policy("float32")
+    if own_process and stage in CPU_ONLY_STAGES:
+        cpu_only()
+
+
+def configure_training(train) -> None:
+    """Before train-head or fine-tune: apply ``train.device`` and ``train.mixed_precision`` to TensorFlow.
+
+    cpu hides the GPUs; gpu turns memory growth on (TensorFlow would otherwise
+    take all GPU memory up front); the Keras dtype policy is chosen by
+    components.devices.choose_policy. Visible devices and memory growth can only
+    change before TensorFlow initialises its devices, so in one process that runs
+    several stages (TFX's LocalDagRunner) the first call decides; a later call
+    asking for something else is an error, not a silent run elsewhere.
+    """
+    import keras
+    import tensorflow as tf
+
+    from components import devices
+    from components.errors import GraftlineError
+
+    gpus = tf.config.list_physical_devices("GPU")
+    device = devices.choose_device(train.device, len(gpus))
+    try:
+        if gpus:
+            tf.config.set_visible_devices([] if device == "cpu" else gpus, "GPU")
+        if device == "gpu":
+            for gpu in gpus:
+                tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError:
+        raise GraftlineError(
+            f"params: train.device = {train.device!r} cannot take effect: TensorFlow already set up its devices "
+            "in this process for an earlier stage; run each stage in its own process (graftline <stage>)"
+        ) from None
+    keras.mixed_precision.set_global_policy(devices.choose_policy(train.mixed_precision, device))
+
+
+def cpu_only() -> None:
+    """Before ingest and evaluate: they never use a GPU, so hide any (same figures on CPU and GPU runners)."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        tf.config.set_visible_devices([], "GPU")

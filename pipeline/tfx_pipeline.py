@@ -63,6 +63,10 @@ def _labels(a) -> Path:
 
 def _call(stage: str, params_json: str, inputs: dict, outputs: dict) -> dict:
     params = params_mod.from_dict(json.loads(params_json))
+    # As pipeline/cli.py does, but without hiding GPUs: LocalDagRunner runs every component in one
+    # process (run_local set its devices up for training), and compiled pipelines give GPUs to the
+    # training components only (compile_spec).
+    runtime.configure_devices(stage, params, own_process=False)
     runtime.configure(params.seed)
     run = importlib.import_module(f"components.{stage}").run
     return run(params, {k: Path(v) for k, v in inputs.items()}, {k: Path(v) for k, v in outputs.items()})
@@ -112,10 +116,14 @@ def Evaluate(examples: InputArtifact[Examples], model: InputArtifact[Model],
           {"metrics": uri / "metrics.json", "confusion": uri / "confusion.csv", "report": uri / "report.json"})
 
 
-def create_pipeline(params, root: Path, download_dir: Path) -> Pipeline:
-    """The five components wired as in dvc.yaml; params travel as one JSON parameter."""
+def create_pipeline(params, pipeline_root: str, download_dir: str, metadata_path: str | None = None) -> Pipeline:
+    """The five components wired as in dvc.yaml; params travel as one JSON parameter.
+
+    ``metadata_path``: a SQLite ML-Metadata store for LocalDagRunner; compiled
+    pipelines (Vertex, Kubeflow) bring their own store, so they leave it out.
+    """
     params_json = json.dumps(params.to_dict(), sort_keys=True)
-    ingest = Ingest(params_json=params_json, download_dir=str(download_dir.resolve()))
+    ingest = Ingest(params_json=params_json, download_dir=download_dir)
     bottleneck = Bottleneck(examples=ingest.outputs["examples"], params_json=params_json)
     train_head = TrainHead(examples=ingest.outputs["examples"], bottlenecks=bottleneck.outputs["bottlenecks"],
                            params_json=params_json)
@@ -125,9 +133,9 @@ def create_pipeline(params, root: Path, download_dir: Path) -> Pipeline:
                         params_json=params_json)
     return Pipeline(
         pipeline_name=PIPELINE_NAME,
-        pipeline_root=str((root / "pipeline").resolve()),
+        pipeline_root=pipeline_root,
         components=[ingest, bottleneck, train_head, fine_tune, evaluate],
-        metadata_connection_config=sqlite_metadata_connection_config(str((root / "metadata.sqlite").resolve())),
+        metadata_connection_config=sqlite_metadata_connection_config(metadata_path) if metadata_path else None,
         enable_cache=True,
     )
 
@@ -149,8 +157,58 @@ def run_local(params_path: str, root: Path) -> dict:
     """`graftline tfx-run`: run the pipeline with LocalDagRunner; returns the evaluation metrics."""
     params = params_mod.load(params_path)
     root.mkdir(parents=True, exist_ok=True)
-    LocalDagRunner().run(create_pipeline(params, root, Path("data/raw")))
+    runtime.configure_training(params.train)  # one process for all five: set up for the training stages
+    LocalDagRunner().run(create_pipeline(params, str((root / "pipeline").resolve()), str(Path("data/raw").resolve()),
+                                         str((root / "metadata.sqlite").resolve())))
     uris = latest_artifacts(root)
     metrics = json.loads((Path(uris[Evaluation.TYPE_NAME]) / "metrics.json").read_text())
     (root / "latest.json").write_text(json.dumps({"artifacts": uris, "evaluate": metrics}, indent=2) + "\n")
     return metrics
+
+
+# `graftline tfx-compile`. TFX compiles for Vertex AI Pipelines and for Kubeflow Pipelines (v2) with
+# the same KubeflowV2DagRunner into the same PipelineJob spec; the targets differ only in these
+# defaults for where runs write their artifacts (both can be overridden at submission).
+PIPELINE_ROOTS = {
+    "vertex": "gs://YOUR_BUCKET/graftline",  # Vertex needs a Cloud Storage folder of yours
+    "kubeflow": "minio://mlpipeline/v2/artifacts/graftline",  # the bucket a Kubeflow install comes with
+}
+GPU_COMPONENTS = ("TrainHead", "FineTune")  # ingest, bottleneck and evaluate request no accelerator
+CONTAINER_DOWNLOAD_DIR = "/tmp/graftline/raw"  # inside a component's container
+
+
+def _allow_compiling_without_tfma() -> None:
+    """KubeflowV2's step builder isinstance-checks tfx.components.FileBasedExampleGen and InfraValidator,
+    which are None when TFMA is not installed (see ../shared/stack): stand-in classes no node is an instance of."""
+    import tfx.components
+
+    for name in ("FileBasedExampleGen", "InfraValidator"):
+        if getattr(tfx.components, name, None) is None:
+            setattr(tfx.components, name, type(name, (), {}))
+
+
+def gpu_request(train):
+    """The ResourceSpec the training components carry: train.accelerator x train.accelerator_count."""
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    spec = pipeline_spec_pb2.PipelineDeploymentConfig.PipelineContainerSpec.ResourceSpec
+    return spec(accelerator=spec.AcceleratorConfig(type=train.accelerator, count=train.accelerator_count))
+
+
+def compile_spec(params_path: str, target: str, output: str | None = None, pipeline_root: str | None = None) -> dict:
+    """Compile create_pipeline offline to <output>/pipeline.json, images from tfx.image, GPUs for training only."""
+    from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner as v2
+
+    from components.atomic import write_json
+
+    params = params_mod.load(params_path)
+    _allow_compiling_without_tfma()
+    pipeline = create_pipeline(params, pipeline_root or PIPELINE_ROOTS[target], CONTAINER_DOWNLOAD_DIR)
+    for node in pipeline.components:
+        if node.id in GPU_COMPONENTS:
+            node.with_platform_config(gpu_request(params.train))
+    runner = v2.KubeflowV2DagRunner(config=v2.KubeflowV2DagRunnerConfig(default_image=params.tfx.image))
+    spec = runner.run(pipeline, write_out=False)
+    path = Path(output or f"build/{target}") / "pipeline.json"
+    write_json(path, spec)  # all or nothing, like every other output
+    return {"pipeline_spec": str(path), "training_nodes_with_gpu": list(GPU_COMPONENTS)}

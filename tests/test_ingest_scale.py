@@ -55,3 +55,17 @@ def test_peak_memory_is_flat_in_the_number_of_photos(tmp_path):
     assert big["rss_mib"] - small["rss_mib"] < 25, (small, big)
     shards = sorted((tmp_path / "out-big" / "examples").glob("train-*.tfrecord.gz"))
     assert len(shards) > 1  # data.shard_size=200 split the big train split
+
+
+def test_parallel_checking_falls_back_when_workers_cannot_start(tmp_path):
+    """A __main__ read from stdin cannot be re-imported by spawned workers: finish in one process, never hang."""
+    from drawing import make_class_tree
+
+    make_class_tree(tmp_path / "photos", {"cats": 230, "dogs": 230}, size=(16, 16))
+    script = DRIVER.replace('"workers": 1', '"workers": 2')
+    result = subprocess.run([sys.executable, "-"], input=script.replace("sys.argv[1]", repr(str(tmp_path / "photos")))
+                            .replace("sys.argv[2]", repr(str(tmp_path / "out"))),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["n"] == 460
+    assert "continuing in one process" in result.stderr
