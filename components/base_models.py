@@ -184,18 +184,44 @@ def build_base(model: str, alpha: float, image_size: int, weights_path: str | No
 
 
 def build_feature_extractor(model: str, alpha: float, image_size: int, weights_path: str | None,
-                            feature_layer: str = ""):
-    """[0, 255] RGB images -> bottleneck features: preprocessing + base, base in inference mode."""
+                            feature_layer: str = "", noise: float = 0.0, upsample: int = 1, seed: int | None = None):
+    """[0, 255] RGB images -> bottleneck features: [input block] + preprocessing + base (inference mode).
+
+    The input block is the CIFAR recipe's: Gaussian noise (in the base's input
+    scale; Keras applies it only in training) and an integer upsampling, so
+    small photos meet a base built for larger ones (the base sees image_size x upsample).
+    """
     import keras
 
     from components.images import ImagePreprocessing
 
-    base = build_base(model, alpha, image_size, weights_path, feature_layer)
+    base = build_base(model, alpha, image_size * upsample, weights_path, feature_layer)
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = ImagePreprocessing(preprocessing_of(model), name="preprocessing")(inputs)
+    if noise:
+        x = keras.layers.GaussianNoise(noise, seed=seed, name="input_noise")(x)
+    if upsample > 1:
+        x = keras.layers.UpSampling2D(upsample, interpolation="bilinear", name="input_upsample")(x)
     # training=False keeps BatchNorm in inference mode even when layers are unfrozen.
     features = base(x, training=False)
     return keras.Model(inputs, features, name="feature_extractor")
+
+
+def extractor_for_params(params, weights_path: str | None):
+    """build_feature_extractor with the base and input-block params of a Params."""
+    b, block = params.base, params.input_block
+    return build_feature_extractor(b.model, b.alpha, b.image_size, weights_path, b.feature_layer,
+                                   block.noise, block.upsample, params.seed)
+
+
+def all_layers(model) -> list:
+    """Every layer inside ``model``, nested models' layers included."""
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if hasattr(layer, "layers"):
+            found += all_layers(layer)
+    return found
 
 
 def base_of(extractor):

@@ -57,8 +57,10 @@ COUNTER_NAMESPACE = "graftline"
 _EXTRACTORS: dict[tuple, Any] = {}
 
 
-def extractor_for(model: str, alpha: float, image_size: int, weights_path: str | None, feature_layer: str = ""):
-    key = (model, alpha, image_size, weights_path, feature_layer)
+def extractor_for(model: str, alpha: float, image_size: int, weights_path: str | None, feature_layer: str = "",
+                  upsample: int = 1):
+    # The input block's noise is off at inference, so it does not change features.
+    key = (model, alpha, image_size, weights_path, feature_layer, 0.0, upsample)
     if key not in _EXTRACTORS:
         _EXTRACTORS[key] = base_models.build_feature_extractor(*key)
     return _EXTRACTORS[key]
@@ -71,9 +73,9 @@ class FeatureExtractorHandler(ModelHandler[bytes, PredictionResult, Any]):
     """Encoded image bytes -> pooled base features, batched, in one tf.function."""
 
     def __init__(self, model: str, alpha: float, image_size: int, weights_path: str | None,
-                 feature_layer: str, batch_size: int, tf_threads: int = 0):
+                 feature_layer: str, upsample: int, batch_size: int, tf_threads: int = 0):
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
-        self._spec = (model, alpha, image_size, weights_path, feature_layer)
+        self._spec = (model, alpha, image_size, weights_path, feature_layer, upsample)
         self._tf_threads = tf_threads
         self._bar = None
         self._passes = Metrics.counter(COUNTER_NAMESPACE, FORWARD_PASSES)
@@ -203,12 +205,13 @@ def _row(keyed_vector) -> tuple:
     return key, label, split, vector
 
 
-def fingerprint(base, weights_path: str) -> str:
+def fingerprint(base, upsample: int, weights_path: str) -> str:
     """Everything that determines an image's features, hashed: the cache folder's name."""
     spec = {
         "model": base.model, "alpha": base.alpha, "image_size": base.image_size,
         "weights_sha256": sha256_of(Path(weights_path)),
         "feature_layer": base.feature_layer,
+        "upsample": upsample,
         "preprocessing": base_models.preprocessing_of(base.model),
         "decode": images.DECODE_VERSION,
     }
@@ -235,14 +238,15 @@ def run(params, inputs: dict, outputs: dict) -> dict:
 
     weights_path = base_models.resolve_weights(base.model, base.alpha, base.image_size, base.weights)
     # Built here so that a bad weights file fails now with one line, not inside a Beam worker.
+    upsample = params.input_block.upsample
     width = int(extractor_for(base.model, base.alpha, base.image_size, weights_path,
-                              base.feature_layer).output_shape[-1])
+                              base.feature_layer, upsample).output_shape[-1])
 
     # Random weights differ with the seed: caching them would serve another run's features.
-    cache = FeatureCache(p.cache_dir, fingerprint(base, weights_path), width) if p.cache_dir and weights_path else None
+    cache = FeatureCache(p.cache_dir, fingerprint(base, upsample, weights_path), width) if p.cache_dir and weights_path else None
     tf_threads = max(1, (os.cpu_count() or 1) // max(1, p.workers))
     handler = FeatureExtractorHandler(base.model, base.alpha, base.image_size, weights_path, base.feature_layer,
-                                      p.batch_size, tf_threads)
+                                      upsample, p.batch_size, tf_threads)
     out_dir = Path(outputs["bottlenecks"])
     with atomic_dir(out_dir) as tmp:
         pipeline = beam.Pipeline(options=PipelineOptions(beam_flags(p)))

@@ -1,8 +1,10 @@
 """Stage 5, evaluate: the exported model on the test split only.
 
-Outputs: ``metrics`` (accuracy, loss, macro F1, per-class precision/recall/F1
-and support), ``confusion`` (one row per test photo, actual and predicted
-class names, for DVC's confusion template), ``report`` (wall time, devices).
+Outputs: ``metrics`` (accuracy, top-k accuracy, loss, macro F1, per-class
+precision/recall/F1 and support), ``confusion`` (one row per test photo,
+actual and predicted class names, for DVC's confusion template),
+``confusion_png``, ``report`` (the most confident mistakes with their paths,
+wall time, devices).
 
 The gate: once its outputs are written, the stage fails (one line naming the
 metric, its value and the threshold) when a metric is below
@@ -16,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from components import devices, gate
+from components import devices, gate, plots
 from components.atomic import read_json, write_csv, write_json
 from components.errors import GraftlineError
-from components.fine_tune import LABELS_FILE, MODEL_FILE, image_dataset
+from components.export import LABELS_FILE, MODEL_FILE
+from components.fine_tune import image_dataset
 
 
 def per_class_scores(actual: np.ndarray, predicted: np.ndarray, labels: list[str]) -> dict:
@@ -36,8 +39,18 @@ def per_class_scores(actual: np.ndarray, predicted: np.ndarray, labels: list[str
     return scores
 
 
+def most_confident_mistakes(keys: list[str], actual: np.ndarray, probabilities: np.ndarray,
+                            labels: list[str], n: int) -> list[dict]:
+    """The n wrong predictions the model was surest of: often mislabelled photos, worth a look."""
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != actual)
+    order = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][:n]
+    return [{"path": keys[i], "actual": labels[actual[i]], "predicted": labels[predicted[i]],
+             "confidence": round(float(probabilities[i, predicted[i]]), 6)} for i in order]
+
+
 def run(params, inputs: dict, outputs: dict) -> dict:
-    """inputs: examples, model. outputs: metrics (JSON), confusion (CSV), report (JSON)."""
+    """inputs: examples, model. outputs: metrics (JSON), confusion (CSV), confusion_png, report (JSON)."""
     import keras
 
     started = time.time()
@@ -47,31 +60,37 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     labels = read_json(model_dir / LABELS_FILE)
     model = keras.saving.load_model(model_dir / MODEL_FILE)
     image_size = int(model.input_shape[1])
-    test = image_dataset(Path(inputs["examples"]), "test", image_size, params.evaluate.batch_size)
+    test = image_dataset(Path(inputs["examples"]), "test", image_size, params.evaluate.batch_size, keys=True)
 
-    probabilities, actual = [], []
-    for batch_images, batch_labels in test:
+    probabilities, actual, keys = [], [], []
+    for batch_images, batch_labels, batch_keys in test:
         probabilities.append(model(batch_images, training=False).numpy())
         actual.append(batch_labels.numpy())
+        keys += [k.decode() for k in batch_keys.numpy()]
     if not actual:
         raise GraftlineError(f"the test split in {inputs['examples']} is empty; raise data.test_percent")
     probabilities = np.concatenate(probabilities)
     actual = np.concatenate(actual).astype(np.int64)
     predicted = probabilities.argmax(axis=1)
+    k = min(params.evaluate.top_k, len(labels))
+    top_k = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     loss = float(keras.losses.sparse_categorical_crossentropy(actual, probabilities).numpy().mean())
     per_class = per_class_scores(actual, predicted, labels)
 
     write_csv(Path(outputs["confusion"]), ("actual", "predicted"),
               [(labels[a], labels[p]) for a, p in zip(actual, predicted)])
+    plots.confusion_png(plots.confusion_matrix(actual, predicted, labels), labels, Path(outputs["confusion_png"]))
     metrics = {
         "accuracy": round(float(np.mean(predicted == actual)), 6),
+        f"top_{k}_accuracy": round(float(np.mean((top_k == actual[:, None]).any(axis=1))), 6),
         "loss": round(loss, 6),
         "macro_f1": round(float(np.mean([s["f1"] for s in per_class.values()])), 6),
         "num_test": int(len(actual)),
         "per_class": per_class,
     }
     write_json(Path(outputs["metrics"]), metrics)
-    report = {"wall_time_s": round(time.time() - started, 2), "devices": devices.visible()}
+    report = {"mistakes": most_confident_mistakes(keys, actual, probabilities, labels, params.evaluate.mistakes),
+              "wall_time_s": round(time.time() - started, 2), "devices": devices.visible()}
     write_json(Path(outputs["report"]), report)
     # Checked after writing, so a failed gate still leaves the figures to look at (DVC records no run).
     failures = gate.threshold_failures(metrics, params.evaluate.thresholds)

@@ -5,26 +5,37 @@ inference mode) -> head``, trained on the TFRecords with the tutorial's
 augmentation (training only) at ``fine_tune.learning_rate``.
 ``fine_tune.epochs: 0`` exports base + head unchanged.
 
-Outputs: ``model`` (model.keras, saved_model/ whose ``serve`` signature takes
-encoded image bytes and returns class names and probabilities, labels.json),
+Every epoch is checkpointed (model, optimizer state, curve so far) under
+``inputs["checkpoints"]``; a run that was killed resumes from its last
+complete epoch when run again with the same params, head and photos.
+
+Outputs: ``model`` (components/export.py: .keras, SavedModel taking image
+bytes, TFLite float and dynamic-range with their top-1 agreement, labels),
 ``metrics``, ``plots`` (epochs numbered after the head's so the curves join),
-``report`` (wall time, layer counts; devices, strategy and dtype policy from
-components.devices).
+``curves`` (PNG of head and fine-tune curves with a "start fine-tuning"
+marker), ``report`` (wall time, layer counts; devices, strategy and dtype
+policy from components.devices).
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from components import base_models, devices, images, records
-from components.atomic import atomic_dir, read_json, write_csv, write_json
-from components.errors import GraftlineError
-from components.train_head import CURVE_COLUMNS, HEAD_FILE, HEAD_INFO, curve_rows, keras_verbosity, make_optimizer
+import csv
+import hashlib
+import json
+import shutil
 
-MODEL_FILE = "model.keras"
-SAVED_MODEL_DIR = "saved_model"
-LABELS_FILE = "labels.json"
+from components import base_models, devices, export, images, plots, records
+from components.atomic import atomic_dir, read_json, write_csv, write_json
+from components.download import sha256_of
+from components.errors import GraftlineError
+from components.train_head import (CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, curve_rows, keras_verbosity,
+                                   make_optimizer)
+
 SHUFFLE_BUFFER = 2048  # serialized photos held for shuffling; the whole split on small folders
+TFLITE_CHECK_MAX = 512  # test photos the TFLite models are compared with Keras on
+CHECKPOINT_STATE = "state.json"
 
 
 def build_classifier(params, head):
@@ -33,7 +44,7 @@ def build_classifier(params, head):
 
     b = params.base
     weights_path = base_models.resolve_weights(b.model, b.alpha, b.image_size, b.weights)
-    extractor = base_models.build_feature_extractor(b.model, b.alpha, b.image_size, weights_path)
+    extractor = base_models.extractor_for_params(params, weights_path)
     base = base_models.base_of(extractor)
     n_layers = len(base.layers)
     if params.fine_tune_at > n_layers:
@@ -44,9 +55,20 @@ def build_classifier(params, head):
     base.trainable = params.fine_tune_at != -1
     for layer in base.layers[: max(params.fine_tune_at, 0)]:
         layer.trainable = False
+    # BatchNorm stays in inference mode: in Keras 3, fit's training=True overrides the
+    # training=False the base is called with (keras-team/keras#20285), and only a frozen
+    # BatchNormalization layer keeps its moving statistics fixed.
+    for layer in base_models.all_layers(base):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
     inputs = keras.Input((b.image_size, b.image_size, 3), name="image")
     model = keras.Model(inputs, head(extractor(inputs)), name="classifier")
     return model, base
+
+
+def unfrozen_layers(params, base) -> int:
+    """How many base layers fine_tune_at opened for training (their BatchNorm layers stay frozen)."""
+    return 0 if params.fine_tune_at == -1 else max(0, len(base.layers) - params.fine_tune_at)
 
 
 def augmenter(params):
@@ -65,14 +87,15 @@ def augmenter(params):
 
 
 def image_dataset(examples_dir: Path, split: str, image_size: int, batch_size: int,
-                  shuffle_seed: int | None = None, augment=None):
-    """(images [0, 255], labels) batches of one split, decoded by the one image path."""
+                  shuffle_seed: int | None = None, augment=None, keys: bool = False):
+    """(images [0, 255], labels[, keys]) batches of one split, decoded by the one image path."""
     import tensorflow as tf
 
     ds = records.dataset(examples_dir, split)
     if shuffle_seed is not None:
         ds = ds.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.map(lambda ex: (images.decode_and_resize(ex[records.IMAGE], image_size), ex[records.LABEL]),
+    ds = ds.map(lambda ex: (images.decode_and_resize(ex[records.IMAGE], image_size), ex[records.LABEL])
+                + ((ex[records.KEY],) if keys else ()),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size)
     if augment is not None:
@@ -93,31 +116,64 @@ def split_batch_size(examples_dir: Path, split: str, placement: dict) -> int:
     return devices.batch_for(global_batch, replicas, count, f"fine-tune: {split} split")
 
 
-def export(model, labels: list[str], image_size: int, out_dir: Path) -> None:
-    """model.keras, labels.json and a SavedModel whose ``serve`` takes encoded image bytes."""
-    import keras
-    import tensorflow as tf
+class EpochCheckpoint:
+    """Keras callback factory: after each epoch, save model + optimizer + curve so far, atomically."""
 
-    model.save(out_dir / MODEL_FILE)
-    write_json(out_dir / LABELS_FILE, labels)
-    class_names = tf.constant(labels)
+    @staticmethod
+    def make(folder: Path, fingerprint: str, done_rows: list, first_epoch: int):
+        import keras
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    def serve(image_bytes):
-        probabilities = model(images.decode_batch(image_bytes, image_size), training=False)
-        top = tf.argmax(probabilities, axis=-1)
-        return {"probabilities": probabilities, "class_index": top,
-                "class_name": tf.gather(class_names, top),
-                "labels": tf.broadcast_to(class_names, tf.shape(probabilities))}
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                done_rows.append([first_epoch + epoch] + [round(float(logs[c]), 6) for c in CURVE_COLUMNS[1:]])
+                with atomic_dir(folder / f"epoch-{epoch + 1:04d}") as tmp:
+                    self.model.save(tmp / "model.keras")
+                    write_json(tmp / CHECKPOINT_STATE, {"fingerprint": fingerprint, "epochs_done": epoch + 1,
+                                                        "rows": done_rows})
+                for old in folder.glob("epoch-*"):
+                    if old.name != f"epoch-{epoch + 1:04d}":
+                        shutil.rmtree(old, ignore_errors=True)
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint("serve", serve)
-    archive.write_out(str(out_dir / SAVED_MODEL_DIR), verbose=False)
+        return Callback()
+
+
+def run_fingerprint(params, head_dir: Path, examples: Path) -> str:
+    """What a checkpoint must match to be resumed: the stage's params, the head, the photos' shards."""
+    relevant = {k: params.to_dict()[k] for k in ("seed", "fine_tune_at", "base", "input_block", "augment",
+                                                  "fine_tune", "train")}
+    shards = sorted((p.name, p.stat().st_size) for p in Path(examples).glob("*.tfrecord.gz"))
+    blob = json.dumps([relevant, sha256_of(head_dir / HEAD_FILE), shards], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def last_checkpoint(folder: Path, fingerprint: str) -> Path | None:
+    """The newest complete epoch folder written for this fingerprint, if any."""
+    for candidate in sorted(Path(folder).glob("epoch-*"), reverse=True):
+        try:
+            state = read_json(candidate / CHECKPOINT_STATE)
+        except (OSError, ValueError):
+            continue
+        if state.get("fingerprint") == fingerprint and (candidate / "model.keras").is_file():
+            return candidate
+    return None
+
+
+def test_images(examples: Path, image_size: int, limit: int):
+    """Up to ``limit`` decoded test photos, for checking the TFLite exports against Keras."""
+    import numpy as np
+
+    batches = [x.numpy() for x, _ in image_dataset(examples, "test", image_size, 64).take(-(-limit // 64))]
+    return np.concatenate(batches)[:limit] if batches else None
+
+
+def joined_curve(head_dir: Path, fine_rows: list) -> list[dict]:
+    with open(head_dir / HEAD_HISTORY, newline="") as handle:
+        head_rows = list(csv.DictReader(handle))
+    return head_rows + [dict(zip(CURVE_COLUMNS, row)) for row in fine_rows]
 
 
 def run(params, inputs: dict, outputs: dict) -> dict:
-    """inputs: examples, labels, head. outputs: model (folder), metrics, plots, report."""
+    """inputs: examples, labels, head, checkpoints. outputs: model (folder), metrics, plots, curves, report."""
     import keras
 
     started = time.time()
@@ -131,24 +187,36 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     # variable (head, base, optimizer) is made in the strategy's scope, so it is mirrored on each GPU.
     strategy = devices.strategy()
     placement = devices.placement(strategy, f.batch_size)
-    with strategy.scope():
-        head = keras.saving.load_model(head_dir / HEAD_FILE)
-        model, base = build_classifier(params, head)
-        model.compile(optimizer=make_optimizer(f.optimizer, f.learning_rate),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     examples = Path(inputs["examples"])
     size = params.base.image_size
+    checkpoints = Path(inputs["checkpoints"])
+    fingerprint = run_fingerprint(params, head_dir, examples)
+    resume = last_checkpoint(checkpoints, fingerprint) if f.epochs > 0 else None
+    done_rows = read_json(resume / CHECKPOINT_STATE)["rows"] if resume else []
+    resumed_after = len(done_rows)
+    with strategy.scope():
+        if resume:  # weights, frozen layers and optimizer state as the last complete epoch left them
+            print(f"fine-tune: resuming after epoch {resumed_after} of {f.epochs} from {resume}")
+            model = keras.saving.load_model(resume / "model.keras")
+            base = base_models.base_of(model.get_layer("feature_extractor"))
+        else:
+            model, base = build_classifier(params, keras.saving.load_model(head_dir / HEAD_FILE))
+            model.compile(optimizer=make_optimizer(f.optimizer, f.learning_rate),
+                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     batch_size = {split: split_batch_size(examples, split, placement) for split in ("train", "val")}
     val = image_dataset(examples, "val", size, batch_size["val"])
 
     rows = []
+    first_epoch = head_info["epochs_run"] + 1
     if f.epochs > 0:
         train = image_dataset(examples, "train", size, batch_size["train"], shuffle_seed=params.seed,
                               augment=augmenter(params))
-        history = model.fit(train, validation_data=val, epochs=f.epochs, shuffle=False,  # shuffled above, by seed
-                            verbose=keras_verbosity()).history
-        rows = curve_rows(history, head_info["epochs_run"] + 1)
-        final = {c: history[c][-1] for c in CURVE_COLUMNS[1:]}
+        if len(done_rows) < f.epochs:
+            callback = EpochCheckpoint.make(checkpoints, fingerprint, done_rows, first_epoch)
+            model.fit(train, validation_data=val, epochs=f.epochs, initial_epoch=len(done_rows),
+                      shuffle=False, callbacks=[callback], verbose=keras_verbosity())  # shuffled above, by seed
+        rows = done_rows
+        final = dict(zip(CURVE_COLUMNS[1:], rows[-1][1:]))
     else:  # nothing trained: report what base + head score as they are
         train = image_dataset(examples, "train", size, batch_size["train"])
         loss, accuracy = model.evaluate(train, verbose=0)
@@ -156,13 +224,22 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         final = {"accuracy": accuracy, "loss": loss, "val_accuracy": val_accuracy, "val_loss": val_loss}
 
     with atomic_dir(Path(outputs["model"])) as tmp:
-        export(model, labels, size, tmp)
+        exported = export.export(model, labels, size, tmp, test_images(examples, size, TFLITE_CHECK_MAX))
     write_csv(Path(outputs["plots"]), CURVE_COLUMNS, rows)
+    plots.learning_curves(joined_curve(head_dir, rows), first_epoch if rows else None, Path(outputs["curves"]))
     metrics = {k: round(float(v), 6) for k, v in final.items()}
     metrics.update({"epochs": f.epochs, "fine_tune_at": params.fine_tune_at,
-                    "trainable_base_layers": sum(1 for layer in base.layers if layer.trainable)})
+                    "trainable_base_layers": unfrozen_layers(params, base),
+                    "frozen_batchnorm_layers": sum(isinstance(l, keras.layers.BatchNormalization)
+                                                   for l in base.layers[max(params.fine_tune_at, 0):])
+                    if params.fine_tune_at != -1 else 0})
+    metrics.update({f"tflite_{kind}_top1_agreement": e["top1_agreement"]
+                    for kind, e in exported.items() if "top1_agreement" in e})
     write_json(Path(outputs["metrics"]), metrics)
     report = {"wall_time_s": round(time.time() - started, 2), **placement, "batch_sizes": batch_size,
-              "base_layers": len(base.layers), "trainable_weights": len(model.trainable_weights)}
+              "base_layers": len(base.layers), "trainable_weights": len(model.trainable_weights),
+              "resumed_after_epoch": resumed_after,
+              "tflite": exported}
     write_json(Path(outputs["report"]), report)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # done: nothing left to resume
     return {**metrics, **report}

@@ -20,6 +20,7 @@ from components.errors import GraftlineError
 
 HEAD_FILE = "head.keras"
 HEAD_INFO = "head.json"
+HEAD_HISTORY = "history.csv"
 CURVE_COLUMNS = ("epoch", "accuracy", "loss", "val_accuracy", "val_loss")
 VAL_BATCH_SIZE = 32  # Keras' default for validation arrays
 
@@ -31,11 +32,15 @@ def make_optimizer(name: str, learning_rate: float):
             "sgd": keras.optimizers.SGD}[name](learning_rate=learning_rate)
 
 
-def build_head(feature_width: int, num_classes: int, dropout: float):
+def build_head(feature_width: int, num_classes: int, dropout: float, hidden_units: int = 0):
+    """Dropout + Dense softmax, with an optional ReLU hidden layer (and its own dropout) between."""
     import keras
 
     inputs = keras.Input((feature_width,), name="features")
     x = keras.layers.Dropout(dropout, name="head_dropout")(inputs)
+    if hidden_units:
+        x = keras.layers.Dense(hidden_units, activation="relu", name="head_hidden")(x)
+        x = keras.layers.Dropout(dropout, name="head_hidden_dropout")(x)
     # float32 whatever the global policy: under mixed precision a float16 softmax loses small probabilities.
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="head_dense", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="head")
@@ -44,6 +49,14 @@ def build_head(feature_width: int, num_classes: int, dropout: float):
 def keras_verbosity() -> int:
     """A live bar on a terminal, one line per epoch in logs (DVC, CI)."""
     return 1 if sys.stdout.isatty() else 2
+
+
+def class_weights(labels, num_classes: int) -> dict[int, float]:
+    """'auto': weight each class by n / (classes x its count), so rare classes count as much in the loss."""
+    import numpy as np
+
+    counts = np.bincount(labels, minlength=num_classes)
+    return {c: float(len(labels) / (num_classes * n)) if n else 0.0 for c, n in enumerate(counts)}
 
 
 def curve_rows(history: dict, first_epoch: int) -> list[list]:
@@ -69,7 +82,7 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     strategy = devices.strategy()
     placement = devices.placement(strategy, p.batch_size)
     with strategy.scope():
-        head = build_head(x_train.shape[1], len(labels), p.dropout)
+        head = build_head(x_train.shape[1], len(labels), p.dropout, p.hidden_units)
         head.compile(optimizer=make_optimizer(p.optimizer, p.learning_rate),
                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     replicas = placement["replicas"]
@@ -82,8 +95,10 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=p.early_stopping_patience, restore_best_weights=True))
     val_batch_size = devices.batch_for(VAL_BATCH_SIZE * replicas, replicas, len(x_val), "train-head: val split")
+    weights = class_weights(y_train, len(labels)) if p.class_weights == "auto" else None
     fit = head.fit(train, validation_data=(x_val, y_val), epochs=p.epochs, shuffle=False,  # shuffled above
-                   validation_batch_size=val_batch_size, callbacks=callbacks, verbose=keras_verbosity())
+                   validation_batch_size=val_batch_size, class_weight=weights, callbacks=callbacks,
+                   verbose=keras_verbosity())
     history = fit.history
     epochs_run = len(history["loss"])
     # With early stopping the weights are the best epoch's, and so are the reported figures.
@@ -91,10 +106,12 @@ def run(params, inputs: dict, outputs: dict) -> dict:
 
     info = {"epochs_run": epochs_run, "best_epoch": best + 1, "feature_width": int(x_train.shape[1]),
             "num_classes": len(labels), "labels": labels}
+    rows = curve_rows(history, 1)
     with atomic_dir(Path(outputs["head"])) as tmp:
         head.save(tmp / HEAD_FILE)
         write_json(tmp / HEAD_INFO, info)
-    write_csv(Path(outputs["plots"]), CURVE_COLUMNS, curve_rows(history, 1))
+        write_csv(tmp / HEAD_HISTORY, CURVE_COLUMNS, rows)  # fine-tune draws the joined curves from it
+    write_csv(Path(outputs["plots"]), CURVE_COLUMNS, rows)
     metrics = {
         "accuracy": round(float(history["accuracy"][best]), 6),
         "loss": round(float(history["loss"][best]), 6),
@@ -108,6 +125,6 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     write_json(Path(outputs["metrics"]), metrics)
     # Timing and devices vary run to run, so they go to the report, not the metrics DVC compares.
     report = {"wall_time_s": round(time.time() - started, 2), **placement,
-              "batch_sizes": {"train": batch_size, "val": val_batch_size}}
+              "batch_sizes": {"train": batch_size, "val": val_batch_size}, "class_weights": weights}
     write_json(Path(outputs["report"]), report)
     return {**metrics, **report}

@@ -25,12 +25,12 @@ STAGES = {
                    {"head": "artifacts/head", "metrics": "metrics/train_head.json",
                     "plots": "plots/train_head.csv", "report": "reports/train_head.json"}),
     "fine-tune": ("components.fine_tune", {"examples": "artifacts/examples", "labels": "artifacts/labels.json",
-                                           "head": "artifacts/head"},
+                                           "head": "artifacts/head", "checkpoints": "data/checkpoints/fine_tune"},
                   {"model": "artifacts/model", "metrics": "metrics/fine_tune.json", "plots": "plots/fine_tune.csv",
-                   "report": "reports/fine_tune.json"}),
+                   "curves": "plots/learning_curves.png", "report": "reports/fine_tune.json"}),
     "evaluate": ("components.evaluate", {"examples": "artifacts/examples", "model": "artifacts/model"},
                  {"metrics": "metrics/evaluate.json", "confusion": "plots/confusion.csv",
-                  "report": "reports/evaluate.json"}),
+                  "confusion_png": "plots/confusion.png", "report": "reports/evaluate.json"}),
 }
 
 HELP = {
@@ -42,7 +42,7 @@ HELP = {
 }
 
 # What each stage prints when it is done (the full figures are in its output files).
-SUMMARY_KEYS = ("num_examples", "splits", "rows", "forward_passes", "val_accuracy", "accuracy",
+SUMMARY_KEYS = ("num_examples", "held_out_accuracy_0_4", "scratch_accuracy", "transfer_accuracy", "splits", "rows", "forward_passes", "val_accuracy", "accuracy",
                 "macro_f1", "epochs_run", "pipeline_spec", "training_nodes_with_gpu", "device", "devices",
                 "strategy", "replicas", "mixed_precision", "wall_time_s")
 
@@ -79,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--current", default="metrics/evaluate.json", help="default: metrics/evaluate.json")
     devices = sub.add_parser("devices", help="set up TensorFlow as the training stages do; print what they would use")
     devices.add_argument("--device", choices=("auto", "cpu", "gpu"), help="instead of train.device from params")
+    predict = sub.add_parser("predict", help="top classes of photos (files or folders) from the exported model")
+    predict.add_argument("targets", nargs="+", metavar="IMAGE_OR_FOLDER")
+    predict.add_argument("--top-k", type=int, default=3, help="classes per photo (default 3)")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of one line per photo")
+    predict.add_argument("--model", default="artifacts/model", help="exported model folder (default artifacts/model)")
+    preset = sub.add_parser("preset", help="merge presets/NAME.yaml over params.yaml (comments kept)")
+    preset.add_argument("name", nargs="?", help="preset name; without it, list the presets")
+    pretrain = sub.add_parser("pretrain-digits", help="digits recipe: train a small CNN on digits 0-4, write 5-9 photos")
+    pretrain.add_argument("--out", default="data/digits", help="output folder (default data/digits)")
+    pretrain.add_argument("--epochs", type=int, default=5)
+    pretrain.add_argument("--image-size", type=int, default=32)
+    sub.add_parser("scratch", help="control: the base's architecture from random weights, same photos and epoch budget")
     return parser
 
 
@@ -101,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
             return gate(args.params, args.current, args.baseline)
         elif args.command == "devices":
             result = training_devices(args.params, args.device)
+        elif args.command == "predict":
+            return predict(args)
+        elif args.command == "preset":
+            return preset(args.params, args.name)
+        elif args.command == "pretrain-digits":
+            from components import pretrain
+
+            runtime.configure(42)
+            result = pretrain.run(Path(args.out), args.image_size, args.epochs)
+        elif args.command == "scratch":
+            result = scratch(args.params)
         else:
             result = run_stage(args.command, args.params)
     except GraftlineError as exc:
@@ -129,6 +152,47 @@ def gate(params_path: str, current: str, baseline: str | None) -> int:
     if not failures:
         print(f"graftline gate: passed: {gate_mod.summary(now, base, e.thresholds, e.max_drop)}")
     return 1 if failures else 0
+
+
+def predict(args) -> int:
+    from components import predict as predict_mod
+    from components.errors import GraftlineError
+
+    if args.top_k < 1:
+        raise GraftlineError(f"--top-k {args.top_k}: expected an integer >= 1")
+    runtime.configure_devices("evaluate", None)
+    results = predict_mod.predict(Path(args.model), args.targets, args.top_k)
+    print(json.dumps(results, indent=2) if args.json else predict_mod.as_text(results))
+    return 0
+
+
+def preset(params_path: str, name: str | None) -> int:
+    from pipeline import presets
+
+    folder = presets.folder_for(Path(params_path))
+    if not name:
+        print("\n".join(presets.names(folder)))
+        return 0
+    line = presets.apply(name, Path(params_path))
+    print(f"graftline preset: {params_path} now holds preset {name!r}; run `dvc repro`, or as an experiment:")
+    print("\n".join(line))
+    return 0
+
+
+def scratch(params_path: str) -> dict:
+    from components import scratch as scratch_mod
+    from pipeline import params as params_mod
+
+    params = params_mod.load(params_path)
+    runtime.configure_devices("train_head", params)
+    runtime.configure(params.seed)
+    result = scratch_mod.run(params, {"examples": Path("artifacts/examples"), "labels": Path("artifacts/labels.json"),
+                                      "head_metrics": Path("metrics/train_head.json"),
+                                      "transfer_metrics": Path("metrics/evaluate.json")},
+                             {"metrics": Path("metrics/scratch.json")})
+    print(f"graftline scratch: test accuracy {result['transfer_accuracy']:.3f} transferred vs "
+          f"{result['scratch_accuracy']:.3f} from scratch ({result['epochs']} epochs each)")
+    return result
 
 
 def training_devices(params_path: str, device: str | None) -> dict:

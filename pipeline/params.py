@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from components.errors import GraftlineError
 
 FLOWERS_URL = "http://download.tensorflow.org/example_images/flower_photos.tgz"
@@ -59,6 +57,13 @@ class BaseParams:
 
 
 @dataclass(frozen=True)
+class InputBlockParams:
+    """In front of the base (the CIFAR recipe): noise only in training; upsampling always."""
+    noise: float = 0.0  # GaussianNoise stddev, in the base's input scale
+    upsample: int = 1  # the base sees image_size x upsample pixels
+
+
+@dataclass(frozen=True)
 class BottleneckParams:
     runner: str = "DirectRunner"
     # Free-form Beam flags, e.g. ["--direct_running_mode=multi_processing", "--direct_num_workers=2"].
@@ -80,6 +85,8 @@ class TrainHeadParams:
     dropout: float = 0.2
     batch_size: int = 32
     early_stopping_patience: int = 10
+    hidden_units: int = 0  # > 0 adds a ReLU hidden layer (with its own dropout) to the head
+    class_weights: str = "none"  # none | auto (balance classes of unequal size in the loss)
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,8 @@ class FineTuneParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 32
+    top_k: int = 3  # top_k_accuracy: the true class among the k most probable
+    mistakes: int = 20  # the most confident wrong predictions listed in metrics
     # Gate: metric name -> minimum, e.g. {accuracy: 0.9}; the stage exits non-zero below it.
     thresholds: dict[str, float] = field(default_factory=dict)
     # CI gate: largest accepted drop of test accuracy against the main branch's.
@@ -130,6 +139,7 @@ class Params:
     fine_tune_at: int = 100
     data: DataParams = field(default_factory=DataParams)
     base: BaseParams = field(default_factory=BaseParams)
+    input_block: InputBlockParams = field(default_factory=InputBlockParams)
     bottleneck: BottleneckParams = field(default_factory=BottleneckParams)
     train_head: TrainHeadParams = field(default_factory=TrainHeadParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
@@ -218,6 +228,7 @@ _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]
 _SECTIONS = {
     "data": DataParams,
     "base": BaseParams,
+    "input_block": InputBlockParams,
     "bottleneck": BottleneckParams,
     "train_head": TrainHeadParams,
     "augment": AugmentParams,
@@ -256,7 +267,7 @@ def _validate(p: Params) -> None:
     elif b.model not in base_models.REGISTRY:
         _fail("base.model", b.model, f"one of {', '.join(sorted(base_models.REGISTRY))}, or keras:<path to a .keras model>")
     else:
-        for key, value, allowed in base_models.REGISTRY[b.model].problems(b.alpha, b.image_size):
+        for key, value, allowed in base_models.REGISTRY[b.model].problems(b.alpha, b.image_size * p.input_block.upsample):
             _fail(key, value, allowed)
         if b.feature_layer:
             _fail("base.feature_layer", b.feature_layer, f"'' for {b.model} (it applies to keras:<path> bases)")
@@ -265,6 +276,10 @@ def _validate(p: Params) -> None:
 
     if p.bottleneck.workers < 1:
         _fail("bottleneck.workers", p.bottleneck.workers, "an integer >= 1")
+    if not 0 <= p.input_block.noise <= 1:
+        _fail("input_block.noise", p.input_block.noise, "a standard deviation from 0 (no noise) to 1")
+    if not 1 <= p.input_block.upsample <= 8:
+        _fail("input_block.upsample", p.input_block.upsample, "an integer factor from 1 (none) to 8")
     if not p.bottleneck.runner:
         _fail("bottleneck.runner", p.bottleneck.runner, "a Beam runner name such as DirectRunner")
     for section in ("bottleneck", "train_head", "fine_tune", "evaluate"):
@@ -283,6 +298,10 @@ def _validate(p: Params) -> None:
             _fail(f"{section}.optimizer", s.optimizer, f"one of {', '.join(OPTIMIZERS)}")
     if not 0 <= p.train_head.dropout < 1:
         _fail("train_head.dropout", p.train_head.dropout, "a number >= 0 and < 1")
+    if p.train_head.hidden_units < 0:
+        _fail("train_head.hidden_units", p.train_head.hidden_units, "an integer >= 0 (0 = no hidden layer)")
+    if p.train_head.class_weights not in ("none", "auto"):
+        _fail("train_head.class_weights", p.train_head.class_weights, "none or auto")
     if p.train_head.early_stopping_patience < 0:
         _fail("train_head.early_stopping_patience", p.train_head.early_stopping_patience, "an integer >= 0 (0 turns early stopping off)")
 
@@ -301,6 +320,10 @@ def _validate(p: Params) -> None:
         _fail("train.accelerator_count", p.train.accelerator_count, "an integer >= 1")
     if not p.tfx.image:
         _fail("tfx.image", p.tfx.image, "a container image reference")
+    if p.evaluate.top_k < 1:
+        _fail("evaluate.top_k", p.evaluate.top_k, "an integer >= 1")
+    if p.evaluate.mistakes < 0:
+        _fail("evaluate.mistakes", p.evaluate.mistakes, "an integer >= 0")
     if not 0 <= p.evaluate.max_drop <= 1:
         _fail("evaluate.max_drop", p.evaluate.max_drop, "a fraction between 0 and 1")
     for metric, minimum in p.evaluate.thresholds.items():
@@ -316,12 +339,22 @@ def from_dict(raw: Any) -> Params:
     return params
 
 
+def read_yaml(text: str):
+    """YAML 1.2, as DVC reads and writes params.yaml: `dvc exp run -S lr=1e-5` writes 1e-05,
+    which YAML 1.1 (PyYAML) would read back as a string."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
+
+
 def load(path: str | os.PathLike = "params.yaml") -> Params:
+    from ruamel.yaml import YAMLError
+
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"params: {path} not found; run graftline from the project folder that holds params.yaml")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        raw = read_yaml(path.read_text())
+    except YAMLError as exc:
         raise ParamsError(f"params: {path} is not valid YAML: {exc}") from None
     return from_dict(raw)

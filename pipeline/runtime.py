@@ -9,6 +9,9 @@ import warnings
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Keras says this at the end of every first epoch over a tf.data.Dataset of unknown length.
 warnings.filterwarnings("ignore", message="Your input ran out of data")
+# tf.lite.Interpreter still ships with TensorFlow 2.21 and runs the export check; its successor
+# (ai_edge_litert) would be one more large dependency for the same result.
+warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated")
 
 
 def configure(seed: int) -> None:

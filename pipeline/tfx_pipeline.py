@@ -103,9 +103,14 @@ def TrainHead(examples: InputArtifact[Examples], bottlenecks: InputArtifact[Bott
 @component
 def FineTune(examples: InputArtifact[Examples], head: InputArtifact[Head], model: OutputArtifact[Model],
              report: OutputArtifact[StageReport], params_json: Parameter[str]):
+    # <pipeline root>/FineTune/model/<execution>: checkpoints go under the pipeline root, where a
+    # re-run of a killed execution (a new execution id) finds them.
+    pipeline_root = model.uri.rstrip("/").rsplit("/", 3)[0]
     _call("fine_tune", params_json,
-          {"examples": _examples(examples), "labels": _labels(examples), "head": Path(head.uri) / "head"},
-          {"model": Path(model.uri) / "model", **_training_outputs(report)})
+          {"examples": _examples(examples), "labels": _labels(examples), "head": Path(head.uri) / "head",
+           "checkpoints": f"{pipeline_root}/checkpoints/fine_tune"},
+          {"model": Path(model.uri) / "model", "curves": Path(report.uri) / "learning_curves.png",
+           **_training_outputs(report)})
 
 
 @component
@@ -113,7 +118,8 @@ def Evaluate(examples: InputArtifact[Examples], model: InputArtifact[Model],
              evaluation: OutputArtifact[Evaluation], params_json: Parameter[str]):
     uri = Path(evaluation.uri)
     _call("evaluate", params_json, {"examples": _examples(examples), "model": Path(model.uri) / "model"},
-          {"metrics": uri / "metrics.json", "confusion": uri / "confusion.csv", "report": uri / "report.json"})
+          {"metrics": uri / "metrics.json", "confusion": uri / "confusion.csv",
+           "confusion_png": uri / "confusion.png", "report": uri / "report.json"})
 
 
 def create_pipeline(params, pipeline_root: str, download_dir: str, metadata_path: str | None = None) -> Pipeline:

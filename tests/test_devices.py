@@ -149,7 +149,7 @@ TWO_REPLICAS = textwrap.dedent("""
 
     import keras
     import numpy as np
-    from components import evaluate, fine_tune, records, train_head
+    from components import evaluate, export, fine_tune, records, train_head
     from components.atomic import write_json
     from drawing import encode, pixels
     from pipeline import params as params_mod, runtime
@@ -188,18 +188,21 @@ TWO_REPLICAS = textwrap.dedent("""
     head_dir.mkdir()
     train_head.build_head(1280, 2, 0.2).save(head_dir / train_head.HEAD_FILE)
     write_json(head_dir / train_head.HEAD_INFO, {"labels": names, "epochs_run": 1})
+    (head_dir / train_head.HEAD_HISTORY).write_text(",".join(train_head.CURVE_COLUMNS) + chr(10))
     runtime.configure_devices("fine_tune", p)
     runtime.configure(p.seed)
     ft_out = {"model": work / "model", "metrics": work / "ft.json", "plots": work / "ft.csv",
-              "report": work / "ft-report.json"}
-    fine_tune.run(p, {"examples": examples, "labels": work / "labels2.json", "head": head_dir}, ft_out)
+              "curves": work / "curves.png", "report": work / "ft-report.json"}
+    fine_tune.run(p, {"examples": examples, "labels": work / "labels2.json", "head": head_dir,
+                      "checkpoints": work / "checkpoints"}, ft_out)
     out["fine_tune_report"] = json.loads(ft_out["report"].read_text())
-    model = keras.saving.load_model(work / "model" / fine_tune.MODEL_FILE)
+    model = keras.saving.load_model(work / "model" / export.MODEL_FILE)
     out["model_output_dtype"] = str(model(np.zeros((1, 32, 32, 3), np.float32)).dtype.name)
 
     runtime.configure_devices("evaluate", p, own_process=False)
     runtime.configure(p.seed)
-    ev_out = {"metrics": work / "ev.json", "confusion": work / "confusion.csv", "report": work / "ev-report.json"}
+    ev_out = {"metrics": work / "ev.json", "confusion": work / "confusion.csv",
+              "confusion_png": work / "confusion.png", "report": work / "ev-report.json"}
     out["evaluate"] = evaluate.run(p, {"examples": examples, "model": work / "model"}, ev_out)
     out["policy_after_evaluate_setup"] = keras.mixed_precision.global_policy().name
     print("RESULT " + json.dumps(out, default=str))

@@ -186,3 +186,10 @@ def test_load_rejects_unknown_key_in_file(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ParamsError, match=r"train_head\.epoch\b.*train_head\.epochs"):
         params.load(path)
+
+
+def test_exponent_floats_as_dvc_writes_them_load_as_numbers(tmp_path):
+    """`dvc exp run -S fine_tune.learning_rate=1e-5` writes 1e-05 (YAML 1.2); YAML 1.1 would read a string."""
+    (tmp_path / "params.yaml").write_text("fine_tune:\n  learning_rate: 1e-05\ntrain_head:\n  learning_rate: 3E-4\n")
+    loaded = params.load(tmp_path / "params.yaml")
+    assert loaded.fine_tune.learning_rate == 1e-5 and loaded.train_head.learning_rate == 3e-4

@@ -117,7 +117,7 @@ def test_fine_tune_curve_joins_the_head_curve(project):
     curve = read_csv(project.first / "plots/fine_tune.csv")
     assert [int(r["epoch"]) for r in curve] == list(range(head["epochs_run"] + 1, head["epochs_run"] + 11))
     assert metrics["fine_tune_at"] == 100 and metrics["epochs"] == 10
-    assert metrics["trainable_base_layers"] == 155 - 100
+    assert metrics["trainable_base_layers"] == 155 - 100 and metrics["frozen_batchnorm_layers"] == 18
     assert float(curve[-1]["val_accuracy"]) == pytest.approx(metrics["val_accuracy"], abs=1e-6)
 
 
@@ -147,6 +147,60 @@ def test_saved_model_serves_encoded_bytes_like_evaluate(project):
     assert names == [r["predicted"] for r in read_csv(project.root / "plots/confusion.csv")]
     assert np.allclose(out["probabilities"].numpy().sum(axis=1), 1.0, atol=1e-5)
     assert json.loads((model_dir / "labels.json").read_text()) == CLASSES
+
+
+def test_export_round_trip_keras_saved_model_tflite(project):
+    """The same test photos through model.keras, the SavedModel (bytes in) and both TFLite files."""
+    import keras
+    import tensorflow as tf
+
+    import components.images as images
+    from components import export
+
+    model_dir = project.root / "artifacts/model"
+    recs = read_records(project.root / "artifacts/examples", "test")[:24]
+    pixels = np.stack([images.decode_and_resize(tf.constant(r.image), 160).numpy() for r in recs])
+    keras_p = keras.saving.load_model(model_dir / "model.keras")(pixels, training=False).numpy()
+    loaded = tf.saved_model.load(str(model_dir / "saved_model"))  # keep it alive while serve runs
+    served = loaded.serve(tf.constant([r.image for r in recs]))
+    np.testing.assert_allclose(served["probabilities"].numpy(), keras_p, atol=1e-5)
+    float_p = export.tflite_predict((model_dir / "model.tflite").read_bytes(), [pixels])
+    np.testing.assert_allclose(float_p, keras_p, atol=1e-4)
+    quantized = export.tflite_predict((model_dir / "model_dynamic_range.tflite").read_bytes(), [pixels])
+    assert np.mean(quantized.argmax(1) == keras_p.argmax(1)) >= 0.9
+    assert (model_dir / "labels.txt").read_text().split() == CLASSES
+    metrics = load(project.first / "metrics/fine_tune.json")
+    assert metrics["tflite_float_top1_agreement"] == 1.0
+    assert metrics["tflite_dynamic_range_top1_agreement"] >= 0.9
+    assert (project.first / "plots/learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (project.first / "plots/confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_predict_cli_agrees_with_evaluate(project):
+    """`graftline predict` on the test photos' files gives evaluate's predictions, top-k sorted."""
+    recs = read_records(project.root / "artifacts/examples", "test")
+    paths = [str(FLOWERS / r.key) for r in recs] + [str(FLOWERS / "LICENSE.txt")]
+    out = subprocess.run(["graftline", "predict", "--json", "--top-k", "2", *paths], cwd=project.root,
+                         env=project.env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout)
+    assert results[-1] == {"path": str(FLOWERS / "LICENSE.txt"), "skipped": "not an image"}
+    top = [r["top"] for r in results[:-1]]
+    assert [t[0]["class"] for t in top] == [r["predicted"] for r in read_csv(project.root / "plots/confusion.csv")]
+    assert all(len(t) == 2 and t[0]["probability"] >= t[1]["probability"] for t in top)
+
+
+def test_evaluate_lists_top_k_and_confident_mistakes(project):
+    metrics = load(project.first / "metrics/evaluate.json")
+    mistakes = load(project.first / "reports/evaluate.json")["mistakes"]
+    rows = read_csv(project.first / "plots/confusion.csv")
+    assert metrics["accuracy"] <= metrics["top_3_accuracy"] <= 1.0
+    wrong = sum(r["actual"] != r["predicted"] for r in rows)
+    assert len(mistakes) == min(20, wrong)
+    assert [m["confidence"] for m in mistakes] == sorted((m["confidence"] for m in mistakes), reverse=True)
+    for m in mistakes:
+        assert m["actual"] != m["predicted"] and m["path"].split("/")[0] == m["actual"]
+        assert (FLOWERS / m["path"]).is_file()
 
 
 def test_fine_tune_zero_epochs_exports_base_and_head_unchanged(project, tmp_path):

@@ -95,7 +95,8 @@ def test_separable_clusters_are_learned(separable):
 
 def test_outputs_are_written(separable):
     *_, result, outputs = separable
-    assert sorted(p.name for p in outputs["head"].iterdir()) == [train_head.HEAD_INFO, train_head.HEAD_FILE]
+    assert sorted(p.name for p in outputs["head"].iterdir()) == [train_head.HEAD_INFO, train_head.HEAD_FILE,
+                                                                 train_head.HEAD_HISTORY]
     info = json.loads((outputs["head"] / train_head.HEAD_INFO).read_text())
     metrics = json.loads(outputs["metrics"].read_text())
     assert info["labels"] == LABELS and info["num_classes"] == 4 and info["feature_width"] == WIDTH

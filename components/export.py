@@ -1,0 +1,114 @@
+"""What fine-tune leaves in artifacts/model/: every form a user deploys, checked against Keras.
+
+- ``model.keras`` (Keras 3; graftline's layers register on ``import components.images``)
+- ``saved_model/`` whose ``serve`` signature takes encoded image bytes and returns
+  class names and probabilities (TF Serving, Vertex, ``tf.saved_model.load``)
+- ``model.tflite`` (float32) and ``model_dynamic_range.tflite`` (weights int8),
+  taking decoded [0, 255] RGB images like the Keras model
+- ``labels.json`` and ``labels.txt`` (one class per line, TFLite's convention)
+
+The TFLite files are run on the test photos and their top-1 predictions
+compared with Keras'; the agreement goes into the stage's metrics.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+
+from components import base_models, images
+from components.atomic import write_json
+
+MODEL_FILE = "model.keras"
+SAVED_MODEL_DIR = "saved_model"
+LABELS_FILE = "labels.json"
+LABELS_TXT = "labels.txt"
+TFLITE_FILES = {"float": "model.tflite", "dynamic_range": "model_dynamic_range.tflite"}
+AGREEMENT_BATCH = 32
+
+
+def saved_model(model, labels: list[str], image_size: int, path: Path) -> None:
+    import keras
+    import tensorflow as tf
+
+    class_names = tf.constant(labels)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve(image_bytes):
+        probabilities = model(images.decode_batch(image_bytes, image_size), training=False)
+        top = tf.argmax(probabilities, axis=-1)
+        return {"probabilities": probabilities, "class_index": top,
+                "class_name": tf.gather(class_names, top),
+                "labels": tf.broadcast_to(class_names, tf.shape(probabilities))}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", serve)
+    archive.write_out(str(path), verbose=False)
+
+
+def float32_twin(model):
+    """The model with every layer in float32: TFLite has no kernels for mixed-precision (float16) ops."""
+    import keras
+
+    if all(layer.dtype_policy.name == "float32" for layer in base_models.all_layers(model)):
+        return model
+
+    def as_float32(layer):
+        config = layer.get_config()
+        config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    twin = keras.models.clone_model(model, clone_function=as_float32, recursive=True)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def tflite(model, quantize: bool) -> bytes:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(float32_twin(model))
+    if quantize:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # dynamic range: int8 weights, float activations
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints every traced signature
+        return converter.convert()
+
+
+def tflite_predict(content: bytes, batches) -> np.ndarray:
+    """Class probabilities of a TFLite model for each batch of [0, 255] images."""
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_content=content)
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    out = []
+    for batch in batches:
+        interpreter.resize_tensor_input(source["index"], list(batch.shape))
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(source["index"], batch.astype(np.float32))
+        interpreter.invoke()
+        out.append(interpreter.get_tensor(target["index"]))
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def export(model, labels: list[str], image_size: int, out_dir: Path, check_images: np.ndarray | None) -> dict:
+    """Write every form into ``out_dir``; returns TFLite sizes and top-1 agreement with Keras."""
+    out_dir = Path(out_dir)
+    model.save(out_dir / MODEL_FILE)
+    write_json(out_dir / LABELS_FILE, labels)
+    (out_dir / LABELS_TXT).write_text("".join(f"{name}\n" for name in labels))
+    saved_model(model, labels, image_size, out_dir / SAVED_MODEL_DIR)
+
+    batches = [] if check_images is None else [check_images[i:i + AGREEMENT_BATCH]
+                                               for i in range(0, len(check_images), AGREEMENT_BATCH)]
+    keras_top1 = np.concatenate([model(b, training=False).numpy().argmax(axis=1) for b in batches]) if batches else None
+    summary = {}
+    for kind, name in TFLITE_FILES.items():
+        content = tflite(model, quantize=kind == "dynamic_range")
+        (out_dir / name).write_bytes(content)
+        entry = {"file": name, "bytes": len(content)}
+        if keras_top1 is not None:
+            entry["top1_agreement"] = round(float(np.mean(tflite_predict(content, batches).argmax(axis=1) == keras_top1)), 6)
+        summary[kind] = entry
+    return summary

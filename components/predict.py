@@ -1,0 +1,79 @@
+"""`graftline predict`: the top classes of photos, from the exported SavedModel.
+
+Photos go through ingest's checks (undecodable files are reported and
+skipped; WebP, CMYK, EXIF-rotated photos are re-encoded exactly as ingest
+stores them) and then, as raw bytes, through the SavedModel's ``serve``
+signature, whose decode + resize is components/images.py's: the same path as
+training and evaluation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from components.errors import GraftlineError
+from components.export import LABELS_FILE, SAVED_MODEL_DIR
+from components.ingest import check_image, reencoded
+
+BATCH = 32
+
+
+def photo_paths(targets: list[str]) -> Iterator[Path]:
+    """Files named, and every non-hidden file under folders named, in sorted order."""
+    for target in map(Path, targets):
+        if target.is_dir():
+            yield from (p for p in sorted(target.rglob("*"))
+                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(target).parts))
+        elif target.is_file():
+            yield target
+        else:
+            raise GraftlineError(f"{target}: no such file or folder")
+
+
+def predict(model_dir: Path, targets: list[str], top_k: int) -> list[dict]:
+    """One entry per file: {path, top: [{class, probability}, ...]} or {path, skipped: reason}."""
+    import json
+
+    import tensorflow as tf
+
+    model_dir = Path(model_dir)
+    if not (model_dir / SAVED_MODEL_DIR).is_dir():
+        raise GraftlineError(f"{model_dir / SAVED_MODEL_DIR} not found; run the pipeline (fine-tune exports it)")
+    labels = json.loads((model_dir / LABELS_FILE).read_text())
+    serve = tf.saved_model.load(str(model_dir / SAVED_MODEL_DIR)).signatures["serve"]
+    results, pending = [], []
+
+    def flush():
+        if not pending:
+            return
+        probabilities = serve(image_bytes=tf.constant([data for _, data in pending]))["probabilities"].numpy()
+        for (entry, _), p in zip(pending, probabilities):
+            best = np.argsort(-p, kind="stable")[:top_k]
+            entry["top"] = [{"class": labels[i], "probability": round(float(p[i]), 6)} for i in best]
+        pending.clear()
+
+    for path in photo_paths(targets):
+        data = path.read_bytes()
+        reencode, reason = check_image(data)
+        entry = {"path": str(path)}
+        results.append(entry)
+        if reason:
+            entry["skipped"] = reason
+            continue
+        pending.append((entry, reencoded(data) if reencode else data))
+        if len(pending) == BATCH:
+            flush()
+    flush()
+    return results
+
+
+def as_text(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        if "skipped" in r:
+            lines.append(f"{r['path']}: skipped ({r['skipped']})")
+        else:
+            lines.append(f"{r['path']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""The control experiment: the same network from random weights, same photos, same epoch budget.
+
+Transfer learning should beat training from scratch; this measures by how
+much. The base's architecture is re-initialised (``keras.models.clone_model``
+draws fresh weights), topped with the same head, and trained on the train
+split for as many epochs as the head and fine-tuning took together, with
+Adam at 1e-3 (what trains a network from scratch here, as in
+components/pretrain.py; the head's rate may be far too high for a whole
+network) and the same augmentation. Scored on the
+test split beside the transferred model's accuracy from metrics/evaluate.json.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from components import base_models
+from components.atomic import read_json, write_json
+from components.fine_tune import augmenter, image_dataset
+from components.images import ImagePreprocessing
+from components.train_head import build_head, keras_verbosity, make_optimizer
+
+SCRATCH_LEARNING_RATE = 1e-3
+
+
+def run(params, inputs: dict, outputs: dict) -> dict:
+    """inputs: examples, labels, head_metrics, transfer_metrics. outputs: metrics (JSON)."""
+    import keras
+
+    started = time.time()
+    b, h = params.base, params.train_head
+    labels = read_json(Path(inputs["labels"]))
+    budget = read_json(Path(inputs["head_metrics"]))["epochs_run"] + params.fine_tune.epochs
+    weights_path = base_models.resolve_weights(b.model, b.alpha, b.image_size, b.weights)
+    trained = base_models.build_base(b.model, b.alpha, b.image_size, weights_path, b.feature_layer)
+    base = keras.models.clone_model(trained)  # same layers, fresh random weights
+    head = build_head(int(base.output_shape[-1]), len(labels), h.dropout)
+    image = keras.Input((b.image_size, b.image_size, 3), name="image")
+    x = ImagePreprocessing(base_models.preprocessing_of(b.model), name="preprocessing")(image)
+    # Called without training=False: from scratch, BatchNorm must learn its statistics.
+    model = keras.Model(image, head(base(x)), name="scratch")
+    model.compile(make_optimizer("adam", SCRATCH_LEARNING_RATE), "sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+
+    examples = Path(inputs["examples"])
+    train = image_dataset(examples, "train", b.image_size, params.fine_tune.batch_size,
+                          shuffle_seed=params.seed, augment=augmenter(params))
+    val = image_dataset(examples, "val", b.image_size, params.fine_tune.batch_size)
+    history = model.fit(train, validation_data=val, epochs=budget, shuffle=False, verbose=keras_verbosity()).history
+    predicted, actual = [], []
+    for batch, batch_labels in image_dataset(examples, "test", b.image_size, params.evaluate.batch_size):
+        predicted.append(model(batch, training=False).numpy().argmax(axis=1))
+        actual.append(batch_labels.numpy())
+    scratch_accuracy = float(np.mean(np.concatenate(predicted) == np.concatenate(actual)))
+    transfer_accuracy = read_json(Path(inputs["transfer_metrics"]))["accuracy"]
+    metrics = {
+        "scratch_accuracy": round(scratch_accuracy, 6),
+        "transfer_accuracy": transfer_accuracy,
+        "epochs": budget,
+        "scratch_val_accuracy": round(float(history["val_accuracy"][-1]), 6),
+        "wall_time_s": round(time.time() - started, 2),
+    }
+    write_json(Path(outputs["metrics"]), metrics)
+    return metrics

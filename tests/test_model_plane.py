@@ -1,0 +1,167 @@
+"""Base models, the classifier's frozen layers, BatchNorm, the input block, heads, presets."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from components import base_models, fine_tune, train_head
+from components.errors import GraftlineError
+from pipeline import params as params_mod
+from pipeline import presets, runtime
+
+# name -> (keras.applications module with its preprocess_input, small size that builds fast)
+BASES = {
+    "mobilenet_v2": ("mobilenet_v2", 32),
+    "inception_v3": ("inception_v3", 75),
+    "vgg16": ("vgg16", 32),
+    "resnet50": ("resnet50", 32),
+    "efficientnet_b0": ("efficientnet", 32),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BASES))
+def test_each_base_builds_with_its_width_and_preprocessing(name):
+    import importlib
+
+    import keras
+
+    module, size = BASES[name]
+    extractor = base_models.build_feature_extractor(name, 1.0, size, None)
+    assert extractor.output_shape == (None, base_models.REGISTRY[name].feature_width(1.0))
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+    ours = extractor.get_layer("preprocessing")(pixels)
+    theirs = importlib.import_module(f"keras.applications.{module}").preprocess_input(pixels.copy())
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-4)
+    assert len(base_models.base_of(extractor).layers) > 10
+    del keras
+
+
+def make_params(**overrides):
+    raw = {"data": {"source": "unused", "sha256": ""}, "base": {"alpha": 0.35, "image_size": 64, "weights": "none"}}
+    for key, value in overrides.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            raw.setdefault(section, {})[leaf] = value
+        else:
+            raw[section] = value
+    return params_mod.from_dict(raw)
+
+
+def classifier(**overrides):
+    params = make_params(**overrides)
+    runtime.configure(params.seed)
+    head = train_head.build_head(1280, 3, 0.2)
+    return fine_tune.build_classifier(params, head)
+
+
+@pytest.mark.parametrize("fine_tune_at,unfrozen", [(0, 155), (100, 55), (150, 5), (155, 0), (-1, 0)])
+def test_fine_tune_at_sets_how_many_base_layers_train(fine_tune_at, unfrozen):
+    import keras
+
+    params = make_params(fine_tune_at=fine_tune_at)
+    model, base = classifier(fine_tune_at=fine_tune_at)
+    assert len(base.layers) == 155
+    assert fine_tune.unfrozen_layers(params, base) == unfrozen
+    opened = base.layers[len(base.layers) - unfrozen:] if unfrozen else []
+    assert all(not layer.trainable for layer in base.layers[:len(base.layers) - unfrozen])
+    assert all(layer.trainable != isinstance(layer, keras.layers.BatchNormalization) for layer in opened)
+    weighted = [l for l in opened if l.weights and not isinstance(l, keras.layers.BatchNormalization)]
+    assert len(model.trainable_weights) == sum(len(l.trainable_weights) for l in weighted) + 2  # + head
+
+
+def test_fine_tune_at_past_the_base_is_named():
+    with pytest.raises(GraftlineError, match=r"fine_tune_at = 156 .* 155 layers"):
+        classifier(fine_tune_at=156)
+
+
+def test_batchnorm_stays_in_inference_mode_while_the_layers_around_it_train():
+    import keras
+
+    model, base = classifier(fine_tune_at=100)
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    opened_bn = [l for l in base.layers[100:] if isinstance(l, keras.layers.BatchNormalization)]
+    convs = [l for l in base.layers[100:] if isinstance(l, keras.layers.Conv2D)]
+    stats = [(l.moving_mean.numpy().copy(), l.moving_variance.numpy().copy()) for l in opened_bn]
+    kernel = convs[-1].kernel.numpy().copy()
+    x = np.random.default_rng(1).uniform(0, 255, (8, 64, 64, 3)).astype(np.float32)
+    model.fit(x, np.array([0, 1, 2, 0, 1, 2, 0, 1]), epochs=2, batch_size=4, verbose=0)
+    for layer, (mean, variance) in zip(opened_bn, stats):  # statistics untouched by training batches
+        np.testing.assert_array_equal(layer.moving_mean.numpy(), mean)
+        np.testing.assert_array_equal(layer.moving_variance.numpy(), variance)
+    assert not np.array_equal(convs[-1].kernel.numpy(), kernel)  # while the convolutions learn
+
+
+def test_input_block_noise_only_in_training_and_upsampling_always():
+    params = make_params(input_block={"noise": 0.5, "upsample": 2}, base={"alpha": 0.35, "image_size": 32,
+                                                                          "weights": "none"})
+    runtime.configure(0)
+    extractor = base_models.extractor_for_params(params, None)
+    assert base_models.base_of(extractor).input_shape == (None, 64, 64, 3)  # the base sees 2x
+    x = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    inference = [np.asarray(extractor(x, training=False)) for _ in range(2)]
+    np.testing.assert_array_equal(inference[0], inference[1])
+    training = np.asarray(extractor(x, training=True))
+    assert np.abs(training - inference[0]).max() > 1e-3
+    without_noise = base_models.build_feature_extractor("mobilenet_v2", 0.35, 32, None, upsample=2)
+    assert [l.name for l in without_noise.layers if l.name.startswith("input_")] == ["input_upsample"]
+
+
+def test_upsampled_base_below_its_minimum_is_a_params_error():
+    with pytest.raises(params_mod.ParamsError, match="base.image_size"):
+        make_params(base={"model": "inception_v3", "image_size": 32}, input_block={"upsample": 2})
+    make_params(base={"model": "inception_v3", "image_size": 40, "weights": "none"}, input_block={"upsample": 2})
+
+
+def test_head_with_hidden_layer_and_auto_class_weights():
+    head = train_head.build_head(16, 3, 0.1, hidden_units=8)
+    assert [l.name for l in head.layers][1:] == ["head_dropout", "head_hidden", "head_hidden_dropout", "head_dense"]
+    weights = train_head.class_weights(np.array([0] * 8 + [1] * 2 + [2] * 10), 3)
+    assert weights == pytest.approx({0: 20 / 24, 1: 20 / 6, 2: 20 / 30})
+
+
+def test_keras_file_base_uses_the_named_layer(tmp_path):
+    import keras
+
+    from components import pretrain
+
+    model = pretrain.build_cnn(32, 5)
+    model.save(tmp_path / "cnn.keras")
+    path = f"keras:{tmp_path / 'cnn.keras'}"
+    weights = base_models.resolve_weights(path, 1.0, 32, "imagenet")
+    extractor = base_models.build_feature_extractor(path, 1.0, 32, weights, "features")
+    assert extractor.output_shape == (None, 128)
+    x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    cut = keras.Model(model.inputs, model.get_layer("features").output)
+    np.testing.assert_allclose(np.asarray(extractor(x)), np.asarray(cut(x)), rtol=1e-5, atol=1e-5)
+    conv = base_models.build_feature_extractor(path, 1.0, 32, weights, "conv2")  # spatial: pooled
+    assert conv.output_shape == (None, 64)
+    with pytest.raises(GraftlineError, match="not a layer"):
+        base_models.build_feature_extractor(path, 1.0, 32, weights, "nope")
+    with pytest.raises(GraftlineError, match="base.image_size is 48"):
+        base_models.build_feature_extractor(path, 1.0, 48, weights, "features")
+    with pytest.raises(GraftlineError, match="does not apply"):
+        base_models.resolve_weights(path, 1.0, 32, "none")
+
+
+def test_every_preset_validates_and_applying_one_keeps_comments(tmp_path):
+    import shutil
+
+    from conftest import REPO
+
+    folder = REPO / "presets"
+    assert set(presets.names(folder)) >= {"flowers_mobilenet_v2", "flowers_inception_v3",
+                                          "cats_vs_dogs_mobilenet_v2", "cifar10_vgg16", "digits"}
+    base = params_mod.load(REPO / "params.yaml").to_dict()
+    for name in presets.names(folder):
+        params_mod.from_dict(presets.merged(base, presets.load(folder, name)))
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(folder, tmp_path / "presets")
+    (line,) = presets.apply("cifar10_vgg16", tmp_path / "params.yaml")
+    text = (tmp_path / "params.yaml").read_text()
+    assert "# Every tunable number of the pipeline." in text  # comments survive
+    applied = params_mod.load(tmp_path / "params.yaml")
+    assert applied.base.model == "vgg16" and applied.input_block.upsample == 2
+    assert applied.input_block.noise == 0.01
+    assert "-S base.model=vgg16" in line and "-S input_block.upsample=2" in line
+    with pytest.raises(GraftlineError, match="no preset 'nope'"):
+        presets.apply("nope", tmp_path / "params.yaml")

@@ -1,0 +1,66 @@
+"""fine-tune checkpoints every epoch: a run killed mid-way resumes from its last complete epoch."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from drawing import make_class_tree
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def env() -> dict:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def graftline(stage: str, cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(["graftline", stage], cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_killed_fine_tune_resumes_from_its_last_complete_epoch(tmp_path):
+    make_class_tree(tmp_path / "photos", {"cats": 40, "dogs": 40, "owls": 40}, size=(96, 96))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "fine_tune_at": 0,
+        "data": {"source": str(tmp_path / "photos"), "sha256": "", "val_percent": 20, "test_percent": 20},
+        "base": {"alpha": 0.35, "image_size": 96, "weights": "none"},
+        "train_head": {"epochs": 3},
+        "fine_tune": {"epochs": 4, "learning_rate": 0.0001, "batch_size": 8},
+    }))
+    for stage in ("ingest", "bottleneck", "train-head"):
+        graftline(stage, tmp_path)
+
+    checkpoints = tmp_path / "data/checkpoints/fine_tune"
+    run = subprocess.Popen(["graftline", "fine-tune"], cwd=tmp_path, env=env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("epoch-*/state.json")) and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)  # as a pre-empted machine or an OOM kill would
+    run.wait()
+    saved = sorted(checkpoints.glob("epoch-*/state.json"))
+    assert saved, "fine-tune finished or failed before its first checkpoint"
+    done = json.loads(saved[-1].read_text())["epochs_done"]
+    assert 1 <= done < 4, "killed too late to test resuming"
+    assert not (tmp_path / "artifacts/model").exists()  # nothing half-exported
+
+    resumed = graftline("fine-tune", tmp_path)
+    assert f"resuming after epoch {done} of 4" in resumed.stdout
+    head_epochs = json.loads((tmp_path / "metrics/train_head.json").read_text())["epochs_run"]
+    with open(tmp_path / "plots/fine_tune.csv", newline="") as handle:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(handle)]
+    assert epochs == list(range(head_epochs + 1, head_epochs + 5))  # all four, numbered after the head's
+    report = json.loads((tmp_path / "reports/fine_tune.json").read_text())
+    assert report["resumed_after_epoch"] == done
+    assert (tmp_path / "artifacts/model/model.keras").is_file() and not checkpoints.exists()
