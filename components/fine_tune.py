@@ -211,24 +211,34 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     if f.epochs > 0:
         train = image_dataset(examples, "train", size, batch_size["train"], shuffle_seed=params.seed,
                               augment=augmenter(params))
-        if len(done_rows) < f.epochs:
-            callback = EpochCheckpoint.make(checkpoints, fingerprint, done_rows, first_epoch)
+        trained_now = len(done_rows) < f.epochs
+        if trained_now:
+            callbacks = [EpochCheckpoint.make(checkpoints, fingerprint, done_rows, first_epoch)]
+            if f.early_stopping_patience:
+                callbacks.append(keras.callbacks.EarlyStopping(
+                    monitor="val_loss", patience=f.early_stopping_patience, restore_best_weights=True))
             model.fit(train, validation_data=val, epochs=f.epochs, initial_epoch=len(done_rows),
-                      shuffle=False, callbacks=[callback], verbose=keras_verbosity())  # shuffled above, by seed
+                      shuffle=False, callbacks=callbacks, verbose=keras_verbosity())  # shuffled above, by seed
         rows = done_rows
-        final = dict(zip(CURVE_COLUMNS[1:], rows[-1][1:]))
+        # Early stopping restores the best val-loss epoch of this session (a resumed run starts its own).
+        session = rows[resumed_after:] if trained_now else rows[-1:]
+        chosen = min(session, key=lambda row: row[4]) if f.early_stopping_patience else rows[-1]
+        final = dict(zip(CURVE_COLUMNS[1:], chosen[1:]))
+        best_epoch = chosen[0]
     else:  # nothing trained: report what base + head score as they are
         train = image_dataset(examples, "train", size, batch_size["train"])
         loss, accuracy = model.evaluate(train, verbose=0)
         val_loss, val_accuracy = model.evaluate(val, verbose=0)
         final = {"accuracy": accuracy, "loss": loss, "val_accuracy": val_accuracy, "val_loss": val_loss}
+        best_epoch = None
 
     with atomic_dir(Path(outputs["model"])) as tmp:
         exported = export.export(model, labels, size, tmp, test_images(examples, size, TFLITE_CHECK_MAX))
     write_csv(Path(outputs["plots"]), CURVE_COLUMNS, rows)
     plots.learning_curves(joined_curve(head_dir, rows), first_epoch if rows else None, Path(outputs["curves"]))
     metrics = {k: round(float(v), 6) for k, v in final.items()}
-    metrics.update({"epochs": f.epochs, "fine_tune_at": params.fine_tune_at,
+    metrics.update({"epochs": f.epochs, "epochs_run": len(rows), "best_epoch": best_epoch,
+                    "fine_tune_at": params.fine_tune_at,
                     "trainable_base_layers": unfrozen_layers(params, base),
                     "frozen_batchnorm_layers": sum(isinstance(l, keras.layers.BatchNormalization)
                                                    for l in base.layers[max(params.fine_tune_at, 0):])

@@ -26,13 +26,13 @@ SCRATCH_LEARNING_RATE = 1e-3
 
 
 def run(params, inputs: dict, outputs: dict) -> dict:
-    """inputs: examples, labels, head_metrics, transfer_metrics. outputs: metrics (JSON)."""
+    """inputs: examples, labels, head_metrics, fine_tune_metrics, transfer_metrics. outputs: metrics (JSON)."""
     import keras
 
     started = time.time()
     b, h = params.base, params.train_head
     labels = read_json(Path(inputs["labels"]))
-    budget = read_json(Path(inputs["head_metrics"]))["epochs_run"] + params.fine_tune.epochs
+    budget = sum(read_json(Path(inputs[k]))["epochs_run"] for k in ("head_metrics", "fine_tune_metrics"))
     weights_path = base_models.resolve_weights(b.model, b.alpha, b.image_size, b.weights)
     trained = base_models.build_base(b.model, b.alpha, b.image_size, weights_path, b.feature_layer)
     base = keras.models.clone_model(trained)  # same layers, fresh random weights

@@ -188,6 +188,7 @@ def scratch(params_path: str) -> dict:
     runtime.configure(params.seed)
     result = scratch_mod.run(params, {"examples": Path("artifacts/examples"), "labels": Path("artifacts/labels.json"),
                                       "head_metrics": Path("metrics/train_head.json"),
+                                      "fine_tune_metrics": Path("metrics/fine_tune.json"),
                                       "transfer_metrics": Path("metrics/evaluate.json")},
                              {"metrics": Path("metrics/scratch.json")})
     print(f"graftline scratch: test accuracy {result['transfer_accuracy']:.3f} transferred vs "

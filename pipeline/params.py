@@ -103,6 +103,9 @@ class FineTuneParams:
     learning_rate: float = 1e-5
     optimizer: str = "rmsprop"
     batch_size: int = 32
+    # Stop when val loss has not improved for this many epochs and keep the best
+    # epoch's weights (0 = train all epochs): on small folders fine-tuning overfits.
+    early_stopping_patience: int = 3
 
 
 @dataclass(frozen=True)
@@ -296,6 +299,8 @@ def _validate(p: Params) -> None:
             _fail(f"{section}.learning_rate", s.learning_rate, "a number > 0 and < 1")
         if s.optimizer not in OPTIMIZERS:
             _fail(f"{section}.optimizer", s.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+    if p.fine_tune.early_stopping_patience < 0:
+        _fail("fine_tune.early_stopping_patience", p.fine_tune.early_stopping_patience, "an integer >= 0 (0 = off)")
     if not 0 <= p.train_head.dropout < 1:
         _fail("train_head.dropout", p.train_head.dropout, "a number >= 0 and < 1")
     if p.train_head.hidden_units < 0:

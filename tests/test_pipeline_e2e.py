@@ -115,10 +115,17 @@ def test_fine_tune_curve_joins_the_head_curve(project):
     head = load(project.first / "metrics/train_head.json")
     metrics = load(project.first / "metrics/fine_tune.json")
     curve = read_csv(project.first / "plots/fine_tune.csv")
-    assert [int(r["epoch"]) for r in curve] == list(range(head["epochs_run"] + 1, head["epochs_run"] + 11))
-    assert metrics["fine_tune_at"] == 100 and metrics["epochs"] == 10
+    assert 1 <= metrics["epochs_run"] <= metrics["epochs"] == 10
+    first = head["epochs_run"] + 1
+    assert [int(r["epoch"]) for r in curve] == list(range(first, first + metrics["epochs_run"]))
+    assert metrics["fine_tune_at"] == 100
     assert metrics["trainable_base_layers"] == 155 - 100 and metrics["frozen_batchnorm_layers"] == 18
-    assert float(curve[-1]["val_accuracy"]) == pytest.approx(metrics["val_accuracy"], abs=1e-6)
+    # Early stopping keeps the best val-loss epoch: the metrics are that row's.
+    best = min(curve, key=lambda r: float(r["val_loss"]))
+    assert int(best["epoch"]) == metrics["best_epoch"]
+    assert float(best["val_accuracy"]) == pytest.approx(metrics["val_accuracy"], abs=1e-6)
+    if metrics["epochs_run"] < 10:  # stopped: no improvement in the last `patience` epochs
+        assert metrics["epochs_run"] - (metrics["best_epoch"] - head["epochs_run"]) == 3
 
 
 def test_test_accuracy_and_confusion_matrix(project):
