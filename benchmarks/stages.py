@@ -28,7 +28,8 @@ STAGES = (
     ("ingest", "reports/ingest.json", lambda r: f"{r['num_examples']} photos, splits {r['splits']}"),
     ("bottleneck", "reports/bottleneck.json", lambda r: f"{r['forward_passes']} forward passes"),
     ("train-head", "metrics/train_head.json", lambda m: f"val_accuracy {m['val_accuracy']:.3f} ({m['epochs_run']} epochs)"),
-    ("fine-tune", "metrics/fine_tune.json", lambda m: f"val_accuracy {m['val_accuracy']:.3f} ({m['epochs']} epochs)"),
+    ("fine-tune", "metrics/fine_tune.json",
+     lambda m: f"val_accuracy {m['val_accuracy']:.3f} ({m['epochs_run']} of up to {m['epochs']} epochs)"),
     ("evaluate", "metrics/evaluate.json", lambda m: f"test accuracy {m['accuracy']:.3f} on {m['num_test']} photos"),
 )
 REPORTS = {"train-head": "reports/train_head.json", "fine-tune": "reports/fine_tune.json",
