@@ -30,7 +30,7 @@ from components import base_models, devices, export, images, plots, records
 from components.atomic import atomic_dir, read_json, write_csv, write_json
 from components.download import sha256_of
 from components.errors import GraftlineError
-from components.train_head import (CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, curve_rows, keras_verbosity,
+from components.train_head import (CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, keras_verbosity,
                                    make_optimizer)
 
 SHUFFLE_BUFFER = 2048  # serialized photos held for shuffling; the whole split on small folders

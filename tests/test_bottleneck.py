@@ -1,8 +1,6 @@
 """The Beam bottleneck stage on drawn photos: Parquet schema, runners, the per-image feature cache."""
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np

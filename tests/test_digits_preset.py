@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, copy_repo, project_env
+from conftest import copy_repo, project_env
 
 pytestmark = pytest.mark.slow
 

@@ -115,7 +115,7 @@ def test_fine_tune_curve_joins_the_head_curve(project):
     head = load(project.first / "metrics/train_head.json")
     metrics = load(project.first / "metrics/fine_tune.json")
     curve = read_csv(project.first / "plots/fine_tune.csv")
-    assert 1 <= metrics["epochs_run"] <= metrics["epochs"] == 10
+    assert metrics["epochs_run"] >= 1 and metrics["epochs_run"] <= metrics["epochs"] == 10
     first = head["epochs_run"] + 1
     assert [int(r["epoch"]) for r in curve] == list(range(first, first + metrics["epochs_run"]))
     assert metrics["fine_tune_at"] == 100
