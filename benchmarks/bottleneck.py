@@ -1,13 +1,17 @@
-"""Bottleneck throughput three ways: a plain batched tf.function loop, the Beam stage in-memory,
-the Beam stage multi-process. Prints images/s, the ratio to the plain loop and peak memory.
+"""Bottleneck throughput five ways: a plain batched tf.function loop; the Beam stage on the
+DirectRunner in-memory and multi-process (2 workers); the Beam stage on the DaskRunner with a
+local cluster of 1 and 2 worker processes. Prints images/s, the ratio to the plain loop and peak memory.
 
     .venv/bin/python benchmarks/bottleneck.py --folder ../shared/data/flowers \
         --weights ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5
     .venv/bin/python benchmarks/bottleneck.py --draw 2000 --weights ...   # drawn 320x240 photos
+    .venv/bin/python benchmarks/bottleneck.py --draw 2000 --shard-size 100 --weights ...
 
 Each way runs in its own process (so peak RSS is its own) on the same TFRecords,
 made once by the ingest stage; times cover model loading and all of the
-extraction, as a user waits for it. The feature cache is off.
+extraction, as a user waits for it (for Dask: starting and closing the local
+cluster too). The feature cache is off. Dask spreads shards, so --shard-size
+sets how many tasks there are.
 """
 from __future__ import annotations
 
@@ -27,13 +31,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def params_for(weights: str, size: int, workers: int, batch: int):
+# way -> (bottleneck.runner, bottleneck.workers)
+WAYS = {"plain": ("DirectRunner", 1), "in-memory": ("DirectRunner", 1), "multi-process": ("DirectRunner", 2),
+        "dask 1 worker": ("dask", 1), "dask 2 workers": ("dask", 2)}
+
+
+def params_for(weights: str, size: int, way: str, batch: int):
     from pipeline import params
 
+    runner, workers = WAYS[way]
     return params.from_dict({
         "data": {"source": "unused", "sha256": ""},
         "base": {"weights": weights, "image_size": size},
-        "bottleneck": {"workers": workers, "cache_dir": "", "batch_size": batch},
+        "bottleneck": {"runner": runner, "workers": workers, "cache_dir": "", "batch_size": batch},
     })
 
 
@@ -67,7 +77,7 @@ def stage(examples: Path, p, out: Path) -> int:
 
 def one_way(args) -> None:
     """Child process: time one way, print a JSON line."""
-    p = params_for(args.weights, args.size, 2 if args.way == "multi-process" else 1, args.batch)
+    p = params_for(args.weights, args.size, args.way, args.batch)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         n = plain_loop(Path(args.examples), p) if args.way == "plain" else stage(Path(args.examples), p, Path(out))
@@ -101,6 +111,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="runs per way; the best is reported")
+    parser.add_argument("--shard-size", type=int, default=1000, help="photos per TFRecord shard (data.shard_size)")
     parser.add_argument("--way", help=argparse.SUPPRESS)
     parser.add_argument("--examples", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -117,13 +128,13 @@ def main() -> None:
         source = Path(args.folder) if args.folder else work / "drawn"
         if args.draw:
             draw_folder(source, args.draw)
-        p = params.from_dict({"data": {"source": str(source.resolve()), "sha256": ""}})
+        p = params.from_dict({"data": {"source": str(source.resolve()), "sha256": "", "shard_size": args.shard_size}})
         examples = work / "examples"
         ingest.run(p, {"download_dir": work / "raw"}, {"examples": examples, "labels": work / "labels.json",
                                                        "report": work / "ingest.json"})
         results = {}
         for _ in range(args.repeats):
-            for way in ("plain", "in-memory", "multi-process"):
+            for way in WAYS:
                 cmd = [sys.executable, __file__, "--way", way, "--examples", str(examples), "--weights",
                        args.weights, "--size", str(args.size), "--batch", str(args.batch)]
                 out = subprocess.run(cmd, capture_output=True, text=True)
@@ -135,13 +146,13 @@ def main() -> None:
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor())
     print(f"machine: {os.cpu_count()} cores ({cpu}); data: {args.folder or f'{args.draw} drawn 320x240 JPEGs'}; "
-          f"MobileNetV2 1.0 at {args.size} px, batch {args.batch}; best of {args.repeats}\n")
+          f"MobileNetV2 1.0 at {args.size} px, batch {args.batch}, shards of {args.shard_size}; best of {args.repeats}\n")
     print("| way | images | seconds | images/s | ratio to plain loop | peak RSS main (MiB) | peak RSS worker (MiB) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     plain = results["plain"]["images"] / results["plain"]["seconds"]
     for way, r in results.items():
         rate = r["images"] / r["seconds"]
-        worker = f"{r['worker_rss_mib']:.0f}" if way == "multi-process" else "-"
+        worker = f"{r['worker_rss_mib']:.0f}" if way not in ("plain", "in-memory") else "-"  # largest child
         print(f"| {way} | {r['images']} | {r['seconds']:.1f} | {rate:.0f} | {rate / plain:.2f} | {r['rss_mib']:.0f} | {worker} |")
 
 

@@ -1,40 +1,59 @@
 """Stage 2, bottleneck: TFRecord shards -> Parquet features of the frozen base (Apache Beam).
 
-    ReadFromTFRecord (per split) -> key by (key, label, split, sha256)
-      -> feature cache lookup --hit-------------------------------------------+
-                              --miss-> RunInference(KeyedModelHandler) -> store -+-> rows
-      -> Partition by split -> WriteToParquet (explicit pyarrow schema)
+One linear pipeline, the same on every runner:
 
-The model handler loads the base once per worker, batches at a fixed size
-with Beam's BatchElements and runs decode + resize + preprocessing + base in
-one ``tf.function``. Features are cached per image under a fingerprint of
-everything that determines them (base, alpha, weights file hash, image size,
-preprocessing, decode), so a re-run after adding k photos makes k forward
-passes; any change to those inputs starts a new, empty fingerprint folder.
+    Create(one work unit per TFRecord shard) -> Reshuffle
+      -> ReadShard: parse the shard, take cached features, collect the misses
+      -> RunInference(FeatureExtractorHandler, pre-batched per shard)
+      -> WritePart: store new features in the cache, write the shard's Parquet part
+         under a temporary name, rename it into place, then its small JSON receipt
 
-``bottleneck.runner`` and ``bottleneck.beam_options`` go to Beam unchanged,
-so the same stage runs on the DirectRunner here and on Flink, Spark or
-Dataflow elsewhere; ``bottleneck.workers`` sets the DirectRunner's process
-count, and TensorFlow's thread pools are sized so workers x threads <= cores.
+The stage writes its own parts instead of using Beam's file sinks, and
+emits nothing from finish_bundle, because Beam 2.77's DaskRunner drops what
+a DoFn emits there (BatchElements' batches, WriteToText's and
+WriteToParquet's file results: they come out empty). After the runner
+returns, every unit must have its receipt, or the stage fails and publishes
+nothing; the output folder appears only once complete (renamed into place,
+then ``manifest.json``). The counts in the report come from the receipts,
+since the DaskRunner has no metrics.
+
+The model handler loads the base once per worker process and runs decode +
+resize + preprocessing + base in one ``tf.function`` on batches of
+``bottleneck.batch_size``. Features are cached per image under a
+fingerprint of everything that determines them (base, alpha, weights file
+hash, image size, preprocessing, decode), so a re-run after adding k photos
+makes k forward passes; any change to those inputs starts a new, empty
+fingerprint folder.
+
+Shards, parts and the cache go through Beam's FileSystems, so a cluster
+can use gs:// or s3:// locations; local paths are made absolute, because a
+Dask worker's working folder is not the client's. ``bottleneck.runner``
+DirectRunner runs here in one process or ``bottleneck.workers`` processes;
+``dask`` runs on a Dask cluster (``bottleneck.dask_address``, or a local
+one with ``bottleneck.workers`` processes); any other name goes to Beam with
+``bottleneck.beam_options`` unchanged (Flink, Spark, Dataflow).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
+import logging
 import os
+import socket
 import time
+import uuid
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference import base as beam_inference
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from components import base_models, features, images, records
@@ -51,10 +70,14 @@ if getattr(beam_inference, "resource", True) is None:
 
     beam_inference.resource = _resource
 
-COUNTER_NAMESPACE = "graftline"
-# Extractors built in this process, by (model, alpha, image_size, weights): the one
-# run() builds to check the weights is reused by an in-memory runner's handler.
+DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+MANIFEST = "manifest.json"
+RECEIPT_SUFFIX = ".receipt.json"
+# Extractors and their tf.functions built in this process, by (model, alpha, image_size,
+# weights, ...): the one run() builds to check the weights is reused by an in-memory
+# runner's handler, and a Dask worker builds one for all the shards it is given.
 _EXTRACTORS: dict[tuple, Any] = {}
+_INFER_FUNCTIONS: dict[tuple, Any] = {}
 
 
 def extractor_for(model: str, alpha: float, image_size: int, weights_path: str | None, feature_layer: str = "",
@@ -64,25 +87,52 @@ def extractor_for(model: str, alpha: float, image_size: int, weights_path: str |
     if key not in _EXTRACTORS:
         _EXTRACTORS[key] = base_models.build_feature_extractor(*key)
     return _EXTRACTORS[key]
-FORWARD_PASSES = "forward_passes"
-CACHE_HITS = "cache_hits"
-CACHE_REJECTED = "cache_rejected"
 
 
-class FeatureExtractorHandler(ModelHandler[bytes, PredictionResult, Any]):
-    """Encoded image bytes -> pooled base features, batched, in one tf.function."""
+def is_dask(runner: str) -> bool:
+    """bottleneck.runner names Beam's DaskRunner ('dask' or 'DaskRunner', any case)."""
+    return runner.lower() in ("dask", "daskrunner", DASK_RUNNER.lower())
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclasses.dataclass
+class ShardWork:
+    """One shard on its way through the pipeline: its rows, the cached features, the misses."""
+    split: str
+    part: str  # the Parquet file this shard becomes
+    keys: list[str]
+    labels: list[int]
+    sha256s: list[str]  # of the encoded bytes the network sees: the cache key
+    cached: dict[int, np.ndarray]  # row index -> features from the cache
+    missing: list[int]  # row indices to compute, in order
+    images: list[bytes]  # their encoded bytes
+    rejected: int  # cache entries that existed but were unreadable (recomputed)
+
+
+class FeatureExtractorHandler(ModelHandler[ShardWork, PredictionResult, Any]):
+    """A shard's missing images -> pooled base features, in batches of batch_size, in one tf.function.
+
+    RunInference gets it pre-batched (``with_no_batching``): its element is a
+    list of ShardWork, so no batch is formed in finish_bundle, which the
+    DaskRunner would drop.
+    """
 
     def __init__(self, model: str, alpha: float, image_size: int, weights_path: str | None,
                  feature_layer: str, upsample: int, batch_size: int, tf_threads: int = 0):
-        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
+        super().__init__()
         self._spec = (model, alpha, image_size, weights_path, feature_layer, upsample)
+        self._batch_size = batch_size
         self._tf_threads = tf_threads
         self._bar = None
-        self._passes = Metrics.counter(COUNTER_NAMESPACE, FORWARD_PASSES)
 
     def load_model(self):
         import tensorflow as tf
 
+        if self._spec in _INFER_FUNCTIONS:  # the Dask runner sets the DoFn up once per shard
+            return _INFER_FUNCTIONS[self._spec]
         if self._tf_threads:
             try:  # a fresh worker process: size its pools so workers x threads <= cores
                 tf.config.threading.set_intra_op_parallelism_threads(self._tf_threads)
@@ -97,15 +147,19 @@ class FeatureExtractorHandler(ModelHandler[bytes, PredictionResult, Any]):
             return extractor(images.decode_batch(image_bytes, image_size), training=False)
 
         infer.extractor = extractor  # keep the Keras model alive with its function
+        _INFER_FUNCTIONS[self._spec] = infer
         return infer
 
-    def run_inference(self, batch: Sequence[bytes], model, inference_args=None) -> Iterable[PredictionResult]:
+    def run_inference(self, batch: Sequence[ShardWork], model, inference_args=None) -> Iterable[PredictionResult]:
         import tensorflow as tf
 
-        outputs = model(tf.constant(list(batch))).numpy()
-        self._passes.inc(len(batch))
-        self._progress(len(batch))
-        return [PredictionResult(None, vector) for vector in outputs]
+        results = []
+        for work in batch:
+            chunks = [model(tf.constant(work.images[i:i + self._batch_size])).numpy()
+                      for i in range(0, len(work.images), self._batch_size)]
+            self._progress(len(work.images))
+            results.append(PredictionResult(work, np.concatenate(chunks) if chunks else None))
+        return results
 
     def _progress(self, n: int) -> None:
         from tqdm import tqdm
@@ -114,8 +168,8 @@ class FeatureExtractorHandler(ModelHandler[bytes, PredictionResult, Any]):
             self._bar = tqdm(desc=f"bottleneck: forward passes (pid {os.getpid()})", unit="img")
         self._bar.update(n)
 
-    def get_num_bytes(self, batch: Sequence[bytes]) -> int:
-        return sum(len(b) for b in batch)
+    def get_num_bytes(self, batch: Sequence[ShardWork]) -> int:
+        return sum(len(b) for work in batch for b in work.images)
 
     def get_metrics_namespace(self) -> str:
         return "graftline_bottleneck"
@@ -151,58 +205,74 @@ class FeatureCache:
 
     def put(self, sha256: str, vector: np.ndarray) -> None:
         body = np.asarray(vector, np.float32).tobytes()
-        final = self.path(sha256)
-        tmp = f"{final}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-        with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        with _written(self.path(sha256)) as handle:
             handle.write(body + zlib.crc32(body).to_bytes(4, "little"))
+
+
+class ReadShard(beam.DoFn):
+    """(split, shard URL, part name) -> [ShardWork]: the shard's rows, cached features and misses."""
+
+    def __init__(self, cache: FeatureCache | None):
+        self._cache = cache
+
+    def process(self, unit):
+        split, shard, part = unit
+        work = ShardWork(split, part, [], [], [], {}, [], [], 0)
+        for index, record in enumerate(records.read_shard(shard)):
+            sha = hashlib.sha256(record.image).hexdigest()
+            work.keys.append(record.key)
+            work.labels.append(record.label)
+            work.sha256s.append(sha)
+            vector, rejected = self._cache.get(sha) if self._cache else (None, False)
+            work.rejected += rejected
+            if vector is None:
+                work.missing.append(index)
+                work.images.append(record.image)
+            else:
+                work.cached[index] = vector
+        yield [work]  # pre-batched for RunInference
+
+
+class WritePart(beam.DoFn):
+    """A shard's features -> cache entries, its Parquet part and its receipt, each renamed into place."""
+
+    def __init__(self, cache: FeatureCache | None, folder: str, width: int):
+        self._cache, self._folder, self._width = cache, folder, width
+
+    def process(self, result: PredictionResult):
+        work, computed = result.example, result.inference
+        vectors = dict(work.cached)
+        for index, vector in zip(work.missing, computed if computed is not None else []):
+            vectors[index] = vector
+            if self._cache is not None:
+                self._cache.put(work.sha256s[index], vector)
+        rows = [(work.keys[i], work.labels[i], work.split, vectors[i]) for i in range(len(work.keys))]
+        path = FileSystems.join(self._folder, work.part)
+        with _written(path) as handle:
+            features.write(features.table(rows, self._width), handle)
+        receipt = {"part": work.part, "split": work.split, "rows": len(rows), "forward_passes": len(work.missing),
+                   "cache_hits": len(work.cached), "cache_rejected": work.rejected, "worker": worker_name()}
+        with _written(path + RECEIPT_SUFFIX) as handle:
+            handle.write(json.dumps(receipt).encode())
+        yield receipt
+
+
+@contextlib.contextmanager
+def _written(final: str) -> Iterator:
+    """A file on any Beam filesystem, written under a temporary name and renamed into place.
+
+    A task that dies or runs twice (Dask reschedules a killed worker's tasks)
+    leaves either nothing or a whole file under the final name.
+    """
+    tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+    try:
+        with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            yield handle
         FileSystems.rename([tmp], [final])
-
-
-class LookUpCache(beam.DoFn):
-    """Cached features go out on the main output; misses go to 'miss' for inference."""
-
-    def __init__(self, cache: FeatureCache | None):
-        self._cache = cache
-        self._hits = Metrics.counter(COUNTER_NAMESPACE, CACHE_HITS)
-        self._rejected = Metrics.counter(COUNTER_NAMESPACE, CACHE_REJECTED)
-
-    def process(self, element):
-        keys, image = element
-        if self._cache is not None:
-            vector, rejected = self._cache.get(keys[3])
-            if rejected:
-                self._rejected.inc()
-            if vector is not None:
-                self._hits.inc()
-                yield keys, vector
-                return
-        yield beam.pvalue.TaggedOutput("miss", element)
-
-
-class StoreInCache(beam.DoFn):
-    def __init__(self, cache: FeatureCache | None):
-        self._cache = cache
-
-    def process(self, keyed_result):
-        keys, result = keyed_result
-        vector = np.asarray(result.inference, np.float32)
-        if self._cache is not None:
-            self._cache.put(keys[3], vector)
-        yield keys, vector
-
-
-def _keyed(split: str):
-    def keyed(serialized: bytes):
-        record = records.from_example(serialized)
-        sha = hashlib.sha256(record.image).hexdigest()  # of the bytes the network sees
-        return (record.key, record.label, split, sha), record.image
-
-    return keyed
-
-
-def _row(keyed_vector) -> tuple:
-    (key, label, split, _), vector = keyed_vector
-    return key, label, split, vector
+    except BaseException:
+        with contextlib.suppress(Exception):
+            FileSystems.delete([tmp])
+        raise
 
 
 def fingerprint(base, upsample: int, weights_path: str) -> str:
@@ -218,23 +288,79 @@ def fingerprint(base, upsample: int, weights_path: str) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def beam_flags(p) -> list[str]:
-    """The runner, the DirectRunner's process count from bottleneck.workers, then the user's flags."""
-    flags = [f"--runner={p.runner}"]
+def beam_flags(p, units: int = 0, dask_address: str = "") -> list[str]:
+    """The runner and what graftline derives for it from the params, then the user's flags.
+
+    DirectRunner: the process count from bottleneck.workers. dask: the
+    scheduler, and one task per shard (the DaskRunner's default puts up to 128
+    elements in one task, which would give every shard to one worker).
+    """
     given = " ".join(p.beam_options)
+    if is_dask(p.runner):
+        flags = [f"--runner={DASK_RUNNER}"] + ([f"--dask_client_address={dask_address}"] if dask_address else [])
+        if units and "dask_npartitions" not in given and "dask_partition_size" not in given:
+            flags.append(f"--dask_npartitions={units}")
+        return flags + list(p.beam_options)
+    flags = [f"--runner={p.runner}"]
     if p.runner == "DirectRunner" and p.workers > 1 and "direct_running_mode" not in given:
         flags += ["--direct_running_mode=multi_processing", f"--direct_num_workers={p.workers}"]
     return flags + list(p.beam_options)
 
 
+def absolute(location: str) -> str:
+    """A local path made absolute (workers do not share the client's working folder); URLs unchanged."""
+    return location if "://" in location else os.path.abspath(location)
+
+
+@contextlib.contextmanager
+def dask_scheduler(p) -> Iterator[str]:
+    """bottleneck.dask_address, or a local cluster of bottleneck.workers processes for the run."""
+    if p.dask_address:
+        yield p.dask_address
+        return
+    try:
+        from distributed import LocalCluster
+    except ImportError as e:
+        raise GraftlineError("bottleneck.runner: dask needs Dask's scheduler: pip install 'dask[distributed]'") from e
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # not a line per worker start and stop
+    with LocalCluster(n_workers=p.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+@contextlib.contextmanager
+def published(out: str) -> Iterator[str]:
+    """A staging folder for the parts; on success it becomes ``out``, on failure it is removed.
+
+    Local: a temporary folder renamed over ``out`` at once. Other filesystems
+    (gs://, s3://) have no folder rename: the old files go, the parts are
+    renamed one by one, and the manifest, written last, marks the output complete.
+    """
+    if "://" not in out:
+        with atomic_dir(Path(out)) as tmp:
+            yield str(tmp.resolve())
+        return
+    staging = f"{out.rstrip('/')}.staging-{uuid.uuid4().hex[:12]}"
+    try:
+        yield staging
+        if FileSystems.exists(out):
+            FileSystems.delete([out])
+        moved = [m.path for m in FileSystems.match([FileSystems.join(staging, "*")])[0].metadata_list]
+        FileSystems.rename(moved, [FileSystems.join(out, m.rsplit("/", 1)[-1]) for m in moved])
+    finally:
+        with contextlib.suppress(Exception):
+            FileSystems.delete([staging])
+
+
 def run(params, inputs: dict, outputs: dict) -> dict:
-    """inputs: examples. outputs: bottlenecks (folder of Parquet), report (JSON)."""
+    """inputs: examples. outputs: bottlenecks (folder of Parquet parts and manifest.json), report (JSON)."""
     started = time.time()
     base, p = params.base, params.bottleneck
-    examples_dir = Path(inputs["examples"])
-    missing = [s for s in records.SPLITS if not records.shard_paths(examples_dir, s)]
+    examples = absolute(str(inputs["examples"]))
+    shards = {split: records.shard_urls(examples, split) for split in records.SPLITS}
+    missing = [s for s in records.SPLITS if not shards[s]]
     if missing:
-        raise GraftlineError(f"{examples_dir} has no TFRecord shards for {', '.join(missing)}; run ingest first")
+        raise GraftlineError(f"{examples} has no TFRecord shards for {', '.join(missing)}; run ingest first")
+    units = [(split, url, records.part_name(url)) for split in records.SPLITS for url in shards[split]]
 
     weights_path = base_models.resolve_weights(base.model, base.alpha, base.image_size, base.weights)
     # Built here so that a bad weights file fails now with one line, not inside a Beam worker.
@@ -243,55 +369,97 @@ def run(params, inputs: dict, outputs: dict) -> dict:
                               base.feature_layer, upsample).output_shape[-1])
 
     # Random weights differ with the seed: caching them would serve another run's features.
-    cache = FeatureCache(p.cache_dir, fingerprint(base, upsample, weights_path), width) if p.cache_dir and weights_path else None
-    tf_threads = max(1, (os.cpu_count() or 1) // max(1, p.workers))
+    cache = (FeatureCache(absolute(p.cache_dir), fingerprint(base, upsample, weights_path), width)
+             if p.cache_dir and weights_path else None)
+    dask = is_dask(p.runner)
+    # Local workers share this machine's cores; a remote cluster's machines size their own pools.
+    local_workers = p.workers if p.runner == "DirectRunner" or (dask and not p.dask_address) else 0
+    tf_threads = max(1, (os.cpu_count() or 1) // local_workers) if local_workers else 0
     handler = FeatureExtractorHandler(base.model, base.alpha, base.image_size, weights_path, base.feature_layer,
                                       upsample, p.batch_size, tf_threads)
-    out_dir = Path(outputs["bottlenecks"])
-    with atomic_dir(out_dir) as tmp:
-        pipeline = beam.Pipeline(options=PipelineOptions(beam_flags(p)))
-        keyed = [
-            pipeline
-            | f"Read {split}" >> beam.io.ReadFromTFRecord(
-                str(examples_dir / f"{split}-*.tfrecord.gz"), compression_type=CompressionTypes.GZIP)
-            | f"Key {split}" >> beam.Map(_keyed(split))
-            for split in records.SPLITS
-        ]
-        looked_up = (keyed | "All splits" >> beam.Flatten()
-                     | "Look up cache" >> beam.ParDo(LookUpCache(cache)).with_outputs("miss", main="hit"))
-        computed = (looked_up.miss
-                    | "Features" >> RunInference(KeyedModelHandler(handler))  # one model load per worker
-                    | "Store in cache" >> beam.ParDo(StoreInCache(cache)))
-        by_split = ((looked_up.hit, computed) | "Hits and computed" >> beam.Flatten()
-                    | "Rows" >> beam.Map(_row)
-                    | "By split" >> beam.Partition(lambda row, n: records.SPLITS.index(row[2]), len(records.SPLITS)))
-        for split, split_rows in zip(records.SPLITS, by_split):
-            _ = (split_rows
-                 # Arrow tables of many rows: per-row dicts of Python floats cost more than the model.
-                 | f"Batch {split}" >> beam.BatchElements(min_batch_size=256, max_batch_size=2048)
-                 | f"Table {split}" >> beam.Map(features.table, width)
-                 | f"Write {split}" >> beam.io.WriteToParquetBatched(
-                     str(tmp / split), features.schema(width), file_name_suffix=".parquet"))
-        result = pipeline.run()
-        result.wait_until_finish()
-        counters = {}
-        for c in result.metrics().query(MetricsFilter().with_namespace(COUNTER_NAMESPACE))["counters"]:
-            counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + (c.committed or c.attempted or 0)
+    out = str(outputs["bottlenecks"])
+    with published(out) as folder, (dask_scheduler(p) if dask else contextlib.nullcontext("")) as address:
+        flags = beam_flags(p, len(units), address)
+        pipeline = beam.Pipeline(options=PipelineOptions(flags))
+        _ = (pipeline
+             | "Shards" >> beam.Create(units)
+             | "Spread" >> beam.Reshuffle()  # one shard per worker at a time, on every runner
+             | "Read shard" >> beam.ParDo(ReadShard(cache))
+             | "Features" >> RunInference(handler.with_no_batching())  # one model load per worker
+             | "Write part" >> beam.ParDo(WritePart(cache, folder, width)))
+        _run_to_completion(pipeline, p, address, out)
+        receipts = _collect_receipts(folder, units, p.runner, out)
+        manifest = {"feature_width": width, "parts": [
+            {k: r[k] for k in ("part", "split", "rows")} for r in receipts]}
+        with _written(FileSystems.join(folder, MANIFEST)) as handle:
+            handle.write(json.dumps(manifest, indent=2).encode())
 
+    passes_by_worker: dict[str, int] = {}
+    for r in receipts:
+        passes_by_worker[r["worker"]] = passes_by_worker.get(r["worker"], 0) + r["forward_passes"]
     report = {
         "base": {"model": base.model, "alpha": base.alpha, "image_size": base.image_size,
                  "weights": weights_path or "none"},
         "feature_width": width,
-        "rows": {s: features.count_rows(out_dir, s) for s in records.SPLITS},
-        "forward_passes": counters.get(FORWARD_PASSES, 0),
-        "cache": {"folder": cache.folder if cache else None, "hits": counters.get(CACHE_HITS, 0),
-                  "unreadable_entries_recomputed": counters.get(CACHE_REJECTED, 0)},
+        "rows": {s: sum(r["rows"] for r in receipts if r["split"] == s) for s in records.SPLITS},
+        "parts": len(receipts),
+        "forward_passes": sum(r["forward_passes"] for r in receipts),
+        "cache": {"folder": cache.folder if cache else None, "hits": sum(r["cache_hits"] for r in receipts),
+                  "unreadable_entries_recomputed": sum(r["cache_rejected"] for r in receipts)},
         "runner": p.runner,
-        "beam_flags": beam_flags(p),
+        "beam_flags": [f for f in flags if not f.startswith("--dask_client_address")],
+        "dask_scheduler": ("bottleneck.dask_address" if p.dask_address else "local cluster") if dask else None,
         "workers": p.workers,
+        # Who ran the forward passes: the receipts' host:pid (several processes = the work was spread).
+        "forward_passes_by_worker": passes_by_worker,
         "tf_threads_per_worker": tf_threads,
         "batch_size": p.batch_size,
         "wall_time_s": round(time.time() - started, 2),
     }
     write_json(Path(outputs["report"]), report)
     return report
+
+
+def _run_to_completion(pipeline, p, address: str, out: str) -> None:
+    """Run and wait; a runner's failure becomes one line naming the runner and what to do."""
+    try:
+        result = pipeline.run()
+    except OSError as e:  # the DaskRunner connects to the scheduler in run()
+        if is_dask(p.runner):
+            raise GraftlineError(f"bottleneck: cannot reach the Dask scheduler at {address} "
+                                 f"(bottleneck.dask_address): {e}") from e
+        raise
+    try:
+        result.wait_until_finish()
+    except Exception as e:
+        if not is_dask(p.runner):
+            raise
+        raise GraftlineError(
+            f"bottleneck: the Dask run failed ({type(e).__name__}: {e}); nothing was written to {out}. "
+            "Features already computed stay in the cache, so a re-run resumes. If workers died, give them "
+            "more memory or make shards smaller (data.shard_size): a worker holds one shard's photos") from e
+    finally:
+        client = getattr(result, "client", None)  # the DaskRunner's client, left open by Beam
+        if client is not None:
+            client.close()
+
+
+def _collect_receipts(folder: str, units: list, runner: str, out: str) -> list[dict]:
+    """Every shard's receipt, in unit order; a missing one fails the stage (the runner lost work)."""
+    receipts = []
+    for split, shard, part in units:
+        try:
+            with FileSystems.open(FileSystems.join(folder, part + RECEIPT_SUFFIX),
+                                  compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                receipts.append(json.loads(handle.read()))
+        except (OSError, BeamIOError):
+            raise GraftlineError(
+                f"bottleneck: the {runner} run finished but wrote no part for {shard}; nothing was written "
+                f"to {out}. This runner lost work: run it with bottleneck.runner: DirectRunner to compare, "
+                "and report it") from None
+    FileSystems.delete([FileSystems.join(folder, part + RECEIPT_SUFFIX) for _, _, part in units])
+    # Temporary files of tasks that died mid-write (a killed worker) or ran twice: not output.
+    leftovers = [m.path for m in FileSystems.match([FileSystems.join(folder, "*.tmp-*")])[0].metadata_list]
+    if leftovers:
+        FileSystems.delete(leftovers)
+    return receipts

@@ -25,12 +25,13 @@ from components.export import LABELS_FILE, MODEL_FILE
 from components.fine_tune import image_dataset
 
 
-def per_class_scores(actual: np.ndarray, predicted: np.ndarray, labels: list[str]) -> dict:
+def per_class_scores(counts: np.ndarray, labels: list[str]) -> dict:
+    """Precision, recall, F1 and support per class, from the confusion matrix (rows actual, columns predicted)."""
     scores = {}
     for index, name in enumerate(labels):
-        tp = int(np.sum((predicted == index) & (actual == index)))
-        predicted_n = int(np.sum(predicted == index))
-        support = int(np.sum(actual == index))
+        tp = int(counts[index, index])
+        predicted_n = int(counts[:, index].sum())
+        support = int(counts[index].sum())
         precision = tp / predicted_n if predicted_n else 0.0
         recall = tp / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -75,11 +76,12 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     k = min(params.evaluate.top_k, len(labels))
     top_k = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     loss = float(keras.losses.sparse_categorical_crossentropy(actual, probabilities).numpy().mean())
-    per_class = per_class_scores(actual, predicted, labels)
+    counts = plots.confusion_matrix(actual, predicted, labels)
+    per_class = per_class_scores(counts, labels)
 
     write_csv(Path(outputs["confusion"]), ("actual", "predicted"),
               [(labels[a], labels[p]) for a, p in zip(actual, predicted)])
-    plots.confusion_png(plots.confusion_matrix(actual, predicted, labels), labels, Path(outputs["confusion_png"]))
+    plots.confusion_png(counts, labels, Path(outputs["confusion_png"]))
     metrics = {
         "accuracy": round(float(np.mean(predicted == actual)), 6),
         f"top_{k}_accuracy": round(float(np.mean((top_k == actual[:, None]).any(axis=1))), 6),

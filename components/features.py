@@ -39,6 +39,12 @@ def table(rows, width: int) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema(width))
 
 
+def write(table: pa.Table, handle) -> None:
+    """One Parquet part. Non-compliant nested names keep the list's field 'item', so a part reads
+    back with exactly this module's schema (pyarrow would otherwise rename it 'element')."""
+    pq.write_table(table, handle, use_compliant_nested_type=False)
+
+
 def files(bottlenecks_dir: Path, split: str) -> list[Path]:
     return sorted(Path(bottlenecks_dir).glob(f"{split}-*.parquet"))
 

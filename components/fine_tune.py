@@ -101,7 +101,7 @@ def image_dataset(examples_dir: Path, split: str, image_size: int, batch_size: i
     if augment is not None:
         ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE,
                     deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return devices.shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
 
 
 def split_batch_size(examples_dir: Path, split: str, placement: dict) -> int:
@@ -116,25 +116,23 @@ def split_batch_size(examples_dir: Path, split: str, placement: dict) -> int:
     return devices.batch_for(global_batch, replicas, count, f"fine-tune: {split} split")
 
 
-class EpochCheckpoint:
-    """Keras callback factory: after each epoch, save model + optimizer + curve so far, atomically."""
+def checkpoint_callback(folder: Path, fingerprint: str, done_rows: list, first_epoch: int):
+    """A Keras callback: after each epoch, save model + optimizer + curve so far, atomically."""
+    import keras
 
-    @staticmethod
-    def make(folder: Path, fingerprint: str, done_rows: list, first_epoch: int):
-        import keras
+    class EpochCheckpoint(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            done_rows.append([first_epoch + epoch] + [round(float(logs[c]), 6) for c in CURVE_COLUMNS[1:]])
+            name = f"epoch-{epoch + 1:04d}"
+            with atomic_dir(folder / name) as tmp:
+                self.model.save(tmp / export.MODEL_FILE)
+                write_json(tmp / CHECKPOINT_STATE, {"fingerprint": fingerprint, "epochs_done": epoch + 1,
+                                                    "rows": done_rows})
+            for old in folder.glob("epoch-*"):
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
 
-        class Callback(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                done_rows.append([first_epoch + epoch] + [round(float(logs[c]), 6) for c in CURVE_COLUMNS[1:]])
-                with atomic_dir(folder / f"epoch-{epoch + 1:04d}") as tmp:
-                    self.model.save(tmp / "model.keras")
-                    write_json(tmp / CHECKPOINT_STATE, {"fingerprint": fingerprint, "epochs_done": epoch + 1,
-                                                        "rows": done_rows})
-                for old in folder.glob("epoch-*"):
-                    if old.name != f"epoch-{epoch + 1:04d}":
-                        shutil.rmtree(old, ignore_errors=True)
-
-        return Callback()
+    return EpochCheckpoint()
 
 
 def run_fingerprint(params, head_dir: Path, examples: Path) -> str:
@@ -153,12 +151,12 @@ def last_checkpoint(folder: Path, fingerprint: str) -> Path | None:
             state = read_json(candidate / CHECKPOINT_STATE)
         except (OSError, ValueError):
             continue
-        if state.get("fingerprint") == fingerprint and (candidate / "model.keras").is_file():
+        if state.get("fingerprint") == fingerprint and (candidate / export.MODEL_FILE).is_file():
             return candidate
     return None
 
 
-def test_images(examples: Path, image_size: int, limit: int):
+def check_images(examples: Path, image_size: int, limit: int):
     """Up to ``limit`` decoded test photos, for checking the TFLite exports against Keras."""
     import numpy as np
 
@@ -173,7 +171,21 @@ def joined_curve(head_dir: Path, fine_rows: list) -> list[dict]:
 
 
 def run(params, inputs: dict, outputs: dict) -> dict:
-    """inputs: examples, labels, head, checkpoints. outputs: model (folder), metrics, plots, curves, report."""
+    """inputs: examples, labels, head, checkpoints. outputs: model (folder), metrics, plots, curves, report.
+
+    With several workers (train.strategy: multi_worker) every worker trains,
+    checkpoints and exports, but only the chief's files land in ``outputs`` and
+    ``inputs["checkpoints"]`` (devices.worker_outputs); the others' go to a
+    temporary folder that is removed at the end.
+    """
+    # Device setup was done by the adapter (pipeline/runtime.py); here it is only read.
+    strategy = devices.strategy(params.train.strategy)
+    with devices.worker_outputs(strategy, {**outputs, "checkpoints": inputs["checkpoints"]}, "fine-tune") as written:
+        return train_and_save(params, inputs, written, strategy)
+
+
+def train_and_save(params, inputs: dict, outputs: dict, strategy) -> dict:
+    """run's work in the given strategy; checkpoints are read from inputs and written to outputs["checkpoints"]."""
     import keras
 
     started = time.time()
@@ -183,21 +195,25 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     head_info = read_json(head_dir / HEAD_INFO)
     if head_info["labels"] != labels:
         raise GraftlineError(f"{head_dir} was trained on classes {head_info['labels']}, not {labels}; re-run train-head")
-    # Device setup was done by the adapter (pipeline/runtime.py); here it is only read. Every
-    # variable (head, base, optimizer) is made in the strategy's scope, so it is mirrored on each GPU.
-    strategy = devices.strategy()
+    # Every variable (head, base, optimizer) is made in the strategy's scope, so it is mirrored on each GPU.
     placement = devices.placement(strategy, f.batch_size)
     examples = Path(inputs["examples"])
     size = params.base.image_size
-    checkpoints = Path(inputs["checkpoints"])
+    checkpoints = Path(outputs["checkpoints"])
     fingerprint = run_fingerprint(params, head_dir, examples)
-    resume = last_checkpoint(checkpoints, fingerprint) if f.epochs > 0 else None
+    # A non-chief worker reads the chief's checkpoints (shared storage) and writes its own to a temporary folder.
+    resume = last_checkpoint(Path(inputs["checkpoints"]), fingerprint) if f.epochs > 0 else None
     done_rows = read_json(resume / CHECKPOINT_STATE)["rows"] if resume else []
+    if not devices.same_on_every_worker(strategy, len(done_rows)):
+        # Workers must build the same variables and run the same epochs, or the collectives hang.
+        print(f"fine-tune: starting over on every worker: they found different checkpoints (this one: "
+              f"{resume or 'none'}); to resume, keep the checkpoints folder on storage every worker reads")
+        resume, done_rows = None, []
     resumed_after = len(done_rows)
     with strategy.scope():
         if resume:  # weights, frozen layers and optimizer state as the last complete epoch left them
             print(f"fine-tune: resuming after epoch {resumed_after} of {f.epochs} from {resume}")
-            model = keras.saving.load_model(resume / "model.keras")
+            model = keras.saving.load_model(resume / export.MODEL_FILE)
             base = base_models.base_of(model.get_layer("feature_extractor"))
         else:
             model, base = build_classifier(params, keras.saving.load_model(head_dir / HEAD_FILE))
@@ -213,7 +229,7 @@ def run(params, inputs: dict, outputs: dict) -> dict:
                               augment=augmenter(params))
         trained_now = len(done_rows) < f.epochs
         if trained_now:
-            callbacks = [EpochCheckpoint.make(checkpoints, fingerprint, done_rows, first_epoch)]
+            callbacks = [checkpoint_callback(checkpoints, fingerprint, done_rows, first_epoch)]
             if f.early_stopping_patience:
                 callbacks.append(keras.callbacks.EarlyStopping(
                     monitor="val_loss", patience=f.early_stopping_patience, restore_best_weights=True))
@@ -222,7 +238,8 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         rows = done_rows
         # Early stopping restores the best val-loss epoch of this session (a resumed run starts its own).
         session = rows[resumed_after:] if trained_now else rows[-1:]
-        chosen = min(session, key=lambda row: row[4]) if f.early_stopping_patience else rows[-1]
+        val_loss = CURVE_COLUMNS.index("val_loss")
+        chosen = min(session, key=lambda row: row[val_loss]) if f.early_stopping_patience else rows[-1]
         final = dict(zip(CURVE_COLUMNS[1:], chosen[1:]))
         best_epoch = chosen[0]
     else:  # nothing trained: report what base + head score as they are
@@ -233,16 +250,16 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         best_epoch = None
 
     with atomic_dir(Path(outputs["model"])) as tmp:
-        exported = export.export(model, labels, size, tmp, test_images(examples, size, TFLITE_CHECK_MAX))
+        exported = export.export(model, labels, size, tmp, check_images(examples, size, TFLITE_CHECK_MAX))
     write_csv(Path(outputs["plots"]), CURVE_COLUMNS, rows)
     plots.learning_curves(joined_curve(head_dir, rows), first_epoch if rows else None, Path(outputs["curves"]))
     metrics = {k: round(float(v), 6) for k, v in final.items()}
+    n_open = unfrozen_layers(params, base)
+    opened = base.layers[len(base.layers) - n_open:] if n_open else []
     metrics.update({"epochs": f.epochs, "epochs_run": len(rows), "best_epoch": best_epoch,
                     "fine_tune_at": params.fine_tune_at,
-                    "trainable_base_layers": unfrozen_layers(params, base),
-                    "frozen_batchnorm_layers": sum(isinstance(l, keras.layers.BatchNormalization)
-                                                   for l in base.layers[max(params.fine_tune_at, 0):])
-                    if params.fine_tune_at != -1 else 0})
+                    "trainable_base_layers": len(opened),
+                    "frozen_batchnorm_layers": sum(isinstance(l, keras.layers.BatchNormalization) for l in opened)})
     metrics.update({f"tflite_{kind}_top1_agreement": e["top1_agreement"]
                     for kind, e in exported.items() if "top1_agreement" in e})
     write_json(Path(outputs["metrics"]), metrics)

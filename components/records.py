@@ -38,6 +38,34 @@ def shard_paths(examples_dir: Path, split: str) -> list[Path]:
     return sorted(Path(examples_dir).glob(f"{split}-*.tfrecord.gz"))
 
 
+def shard_urls(examples: str, split: str) -> list[str]:
+    """The shards of one split on any Beam filesystem (local, gs://, s3://), sorted."""
+    from apache_beam.io.filesystem import BeamIOError
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        found = FileSystems.match([FileSystems.join(examples, f"{split}-*.tfrecord.gz")])[0].metadata_list
+    except BeamIOError:
+        return []
+    return sorted(m.path for m in found)
+
+
+def part_name(shard_url: str) -> str:
+    """The Parquet part a shard becomes: train-00000-of-00002.tfrecord.gz -> train-00000-of-00002.parquet."""
+    return shard_url.rsplit("/", 1)[-1].removesuffix(".tfrecord.gz") + ".parquet"
+
+
+def read_shard(shard_url: str):
+    """The Records of one shard, in order, read through Beam's FileSystems (CRC-checked)."""
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.tfrecordio import _TFRecordUtil
+
+    with FileSystems.open(shard_url, compression_type=CompressionTypes.GZIP) as handle:
+        while (serialized := _TFRecordUtil.read_record(handle)) is not None:
+            yield from_example(serialized)
+
+
 def to_example(record: Record) -> bytes:
     import tensorflow as tf
 

@@ -65,7 +65,19 @@ def curve_rows(history: dict, first_epoch: int) -> list[list]:
 
 
 def run(params, inputs: dict, outputs: dict) -> dict:
-    """inputs: bottlenecks, labels. outputs: head (folder), metrics (JSON), plots (CSV), report (JSON)."""
+    """inputs: bottlenecks, labels. outputs: head (folder), metrics (JSON), plots (CSV), report (JSON).
+
+    With several workers (train.strategy: multi_worker) every worker trains and
+    saves, but only the chief's files land in ``outputs`` (devices.worker_outputs).
+    """
+    # Device setup was done by the adapter (pipeline/runtime.py); here it is only read.
+    strategy = devices.strategy(params.train.strategy)
+    with devices.worker_outputs(strategy, outputs, "train-head") as written:
+        return train_and_save(params, inputs, written, strategy)
+
+
+def train_and_save(params, inputs: dict, outputs: dict, strategy) -> dict:
+    """run's work in the given distribution strategy, writing to ``outputs``."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -78,8 +90,6 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     if len(x_train) == 0 or len(x_val) == 0:
         raise GraftlineError("train-head needs photos in both the train and val splits; add photos")
 
-    # Device setup was done by the adapter (pipeline/runtime.py); here it is only read.
-    strategy = devices.strategy()
     placement = devices.placement(strategy, p.batch_size)
     with strategy.scope():
         head = build_head(x_train.shape[1], len(labels), p.dropout, p.hidden_units)
@@ -87,16 +97,16 @@ def run(params, inputs: dict, outputs: dict) -> dict:
                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     replicas = placement["replicas"]
     batch_size = devices.batch_for(placement["global_batch_size"], replicas, len(x_train), "train-head: train split")
-    train = (tf.data.Dataset.from_tensor_slices((x_train, y_train))
-             .shuffle(len(x_train), seed=params.seed, reshuffle_each_iteration=True)
-             .batch(batch_size))
+    batches = devices.shard_by_data(tf.data.Dataset.from_tensor_slices((x_train, y_train))
+                                    .shuffle(len(x_train), seed=params.seed, reshuffle_each_iteration=True)
+                                    .batch(batch_size))
     callbacks = []
     if p.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=p.early_stopping_patience, restore_best_weights=True))
     val_batch_size = devices.batch_for(VAL_BATCH_SIZE * replicas, replicas, len(x_val), "train-head: val split")
     weights = class_weights(y_train, len(labels)) if p.class_weights == "auto" else None
-    fit = head.fit(train, validation_data=(x_val, y_val), epochs=p.epochs, shuffle=False,  # shuffled above
+    fit = head.fit(batches, validation_data=(x_val, y_val), epochs=p.epochs, shuffle=False,  # shuffled above
                    validation_batch_size=val_batch_size, class_weight=weights, callbacks=callbacks,
                    verbose=keras_verbosity())
     history = fit.history

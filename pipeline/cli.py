@@ -6,6 +6,7 @@ are exactly the inputs and outputs below.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import sys
@@ -44,7 +45,7 @@ HELP = {
 # What each stage prints when it is done (the full figures are in its output files).
 SUMMARY_KEYS = ("num_examples", "held_out_accuracy_0_4", "scratch_accuracy", "transfer_accuracy", "splits", "rows", "forward_passes", "val_accuracy", "accuracy",
                 "macro_f1", "epochs_run", "pipeline_spec", "training_nodes_with_gpu", "device", "devices",
-                "strategy", "replicas", "mixed_precision", "wall_time_s")
+                "strategy", "replicas", "workers", "task", "chief", "mixed_precision", "wall_time_s")
 
 
 def run_stage(stage: str, params_path: str) -> dict:
@@ -184,6 +185,8 @@ def scratch(params_path: str) -> dict:
     from pipeline import params as params_mod
 
     params = params_mod.load(params_path)
+    if params.train.strategy == "multi_worker":  # a one-process control run: it would join a cluster it never uses
+        params = dataclasses.replace(params, train=dataclasses.replace(params.train, strategy="auto"))
     runtime.configure_devices("train_head", params)
     runtime.configure(params.seed)
     result = scratch_mod.run(params, {"examples": Path("artifacts/examples"), "labels": Path("artifacts/labels.json"),
@@ -197,15 +200,16 @@ def scratch(params_path: str) -> dict:
 
 
 def training_devices(params_path: str, device: str | None) -> dict:
-    """`graftline devices`: what train-head and fine-tune would run on here (a GPU runner's pre-flight)."""
-    import dataclasses
+    """`graftline devices`: what train-head and fine-tune would run on here (a GPU runner's pre-flight).
 
+    With train.strategy multi_worker it joins the cluster TF_CONFIG names, as the stages do.
+    """
     from components import devices
     from pipeline import params as params_mod
 
     train = params_mod.load(params_path).train
     runtime.configure_training(dataclasses.replace(train, device=device or train.device))
-    return devices.placement(devices.strategy())
+    return devices.placement(devices.strategy(train.strategy))
 
 
 if __name__ == "__main__":

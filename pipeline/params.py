@@ -65,12 +65,17 @@ class InputBlockParams:
 
 @dataclass(frozen=True)
 class BottleneckParams:
+    # DirectRunner, dask (Beam's DaskRunner on a Dask cluster), or any Beam runner name
+    # (FlinkRunner, SparkRunner, DataflowRunner) with its flags in beam_options.
     runner: str = "DirectRunner"
     # Free-form Beam flags, e.g. ["--direct_running_mode=multi_processing", "--direct_num_workers=2"].
     beam_options: tuple[str, ...] = ()
     batch_size: int = 32
     # DirectRunner processes: 1 = in-memory (fastest on 2 cores, see README), N > 1 = multi-processing.
+    # runner dask without dask_address: the local cluster's worker processes.
     workers: int = 1
+    # runner dask: an existing scheduler, e.g. tcp://scheduler:8786 ('' = start a local cluster).
+    dask_address: str = ""
     # Per-image feature cache ('' = off): a re-run computes only new photos. Any Beam filesystem path.
     cache_dir: str = "data/feature_cache"
 
@@ -124,6 +129,9 @@ class TrainParams:
     """Where train-head and fine-tune run (ingest, bottleneck and evaluate ignore it)."""
     device: str = "auto"  # auto (GPU when TensorFlow sees one) | cpu | gpu
     mixed_precision: str = "auto"  # auto (on for GPU) | on | off
+    # auto: mirrored when several devices are visible, else one device. multi_worker:
+    # MultiWorkerMirroredStrategy across the machines named in TF_CONFIG (one process each).
+    strategy: str = "auto"  # auto | one_device | mirrored | multi_worker
     # Compiled TFX pipelines (Vertex / Kubeflow): what the training components request.
     accelerator: str = "NVIDIA_TESLA_T4"
     accelerator_count: int = 1
@@ -242,6 +250,15 @@ _SECTIONS = {
 }
 
 
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+
+
+def _bottleneck():
+    from components import bottleneck  # imports Beam: only when a Dask param needs checking
+
+    return bottleneck
+
+
 def _validate(p: Params) -> None:
     from components import base_models  # the registry knows model names
 
@@ -284,7 +301,11 @@ def _validate(p: Params) -> None:
     if not 1 <= p.input_block.upsample <= 8:
         _fail("input_block.upsample", p.input_block.upsample, "an integer factor from 1 (none) to 8")
     if not p.bottleneck.runner:
-        _fail("bottleneck.runner", p.bottleneck.runner, "a Beam runner name such as DirectRunner")
+        _fail("bottleneck.runner", p.bottleneck.runner, "a Beam runner name such as DirectRunner, or dask")
+    if p.bottleneck.dask_address and not _bottleneck().is_dask(p.bottleneck.runner):
+        _fail("bottleneck.dask_address", p.bottleneck.dask_address, "'' unless bottleneck.runner is dask")
+    if p.train.strategy not in STRATEGIES:
+        _fail("train.strategy", p.train.strategy, " | ".join(STRATEGIES))
     for section in ("bottleneck", "train_head", "fine_tune", "evaluate"):
         size = getattr(p, section).batch_size
         if size < 1:

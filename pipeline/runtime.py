@@ -52,7 +52,7 @@ def configure_devices(stage: str, params, own_process: bool = True) -> None:
 
 
 def configure_training(train) -> None:
-    """Before train-head or fine-tune: apply ``train.device`` and ``train.mixed_precision`` to TensorFlow.
+    """Before train-head or fine-tune: apply ``train.device``, ``train.mixed_precision`` and ``train.strategy``.
 
     cpu hides the GPUs; gpu turns memory growth on (TensorFlow would otherwise
     take all GPU memory up front); the Keras dtype policy is chosen by
@@ -60,6 +60,11 @@ def configure_training(train) -> None:
     change before TensorFlow initialises its devices, so in one process that runs
     several stages (TFX's LocalDagRunner) the first call decides; a later call
     asking for something else is an error, not a silent run elsewhere.
+    multi_worker: TF_CONFIG is checked before anything else, and the
+    MultiWorkerMirroredStrategy is made right after the devices are chosen,
+    before any other TensorFlow op (TensorFlow's rule; it starts this worker's
+    gRPC server and joins the cluster); the stage gets the same one back from
+    components.devices.strategy.
     """
     import keras
     import tensorflow as tf
@@ -67,6 +72,8 @@ def configure_training(train) -> None:
     from components import devices
     from components.errors import GraftlineError
 
+    # A missing or bad TF_CONFIG fails here, before any work.
+    cluster = devices.tf_config(os.environ.get("TF_CONFIG")) if train.strategy == "multi_worker" else None
     gpus = tf.config.list_physical_devices("GPU")
     device = devices.choose_device(train.device, len(gpus))
     try:
@@ -80,6 +87,11 @@ def configure_training(train) -> None:
             f"params: train.device = {train.device!r} cannot take effect: TensorFlow already set up its devices "
             "in this process for an earlier stage; run each stage in its own process (graftline <stage>)"
         ) from None
+    if cluster:
+        task = cluster["task"]
+        print(f"train.strategy multi_worker: {task['type']}:{task['index']} of {devices.worker_count(cluster)} "
+              "workers (TF_CONFIG); waiting until every one has joined", flush=True)
+        devices.multi_worker()
     keras.mixed_precision.set_global_policy(devices.choose_policy(train.mixed_precision, device))
 
 

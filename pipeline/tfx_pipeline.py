@@ -162,6 +162,12 @@ def latest_artifacts(root: Path) -> dict[str, str]:
 def run_local(params_path: str, root: Path) -> dict:
     """`graftline tfx-run`: run the pipeline with LocalDagRunner; returns the evaluation metrics."""
     params = params_mod.load(params_path)
+    if params.train.strategy == "multi_worker":
+        from components.errors import GraftlineError
+
+        raise GraftlineError("params: train.strategy = 'multi_worker' is not for tfx-run: LocalDagRunner runs all "
+                             "five stages in one process; use auto here, or run the training stages on each worker "
+                             "with graftline train-head / fine-tune (see README, Scale-out)")
     root.mkdir(parents=True, exist_ok=True)
     runtime.configure_training(params.train)  # one process for all five: set up for the training stages
     LocalDagRunner().run(create_pipeline(params, str((root / "pipeline").resolve()), str(Path("data/raw").resolve()),

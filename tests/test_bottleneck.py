@@ -29,11 +29,12 @@ def weights(tmp_path_factory) -> Path:
     return path
 
 
-def make_params(weights: Path, cache_dir: str = "", workers: int = 1, image_size: int = SIZE):
+def make_params(weights: Path, cache_dir: str = "", workers: int = 1, image_size: int = SIZE,
+                runner: str = "DirectRunner"):
     return params_mod.from_dict({
         "data": {"source": "unused", "sha256": "", "val_percent": 25, "test_percent": 25},
         "base": {"alpha": 0.35, "image_size": image_size, "weights": str(weights)},
-        "bottleneck": {"cache_dir": cache_dir, "workers": workers, "batch_size": 8},
+        "bottleneck": {"cache_dir": cache_dir, "workers": workers, "batch_size": 8, "runner": runner},
     })
 
 
@@ -162,6 +163,50 @@ def test_missing_examples_is_one_clear_error(weights, tmp_path):
     with pytest.raises(GraftlineError, match="run ingest first"):
         extract(make_params(weights), tmp_path / "nothing", tmp_path)
     assert not (tmp_path / "bottlenecks").exists()
+
+
+def test_dask_local_cluster_spreads_shards_and_matches_the_direct_runner(weights, tmp_path):
+    """runner dask without an address: a local cluster of bottleneck.workers processes, closed afterwards."""
+    import os
+
+    examples = ingested(tmp_path, {"cats": 12, "dogs": 12})
+    for shard in list(examples.glob("*.tfrecord.gz")):  # re-shard by 3 photos: several tasks per worker
+        split = shard.name.split("-")[0]
+        recs = list(records.read_shard(str(shard)))
+        shard.unlink()
+        records.write_shards(iter(recs), examples, split, len(recs), 3)
+    direct = extract(make_params(weights), examples, tmp_path / "direct")
+    dask = extract(make_params(weights, workers=2, runner="dask"), examples, tmp_path / "dask")
+    assert dask["parts"] == len(list(examples.glob("*.tfrecord.gz"))) >= 8
+    assert dask["rows"] == direct["rows"] and dask["forward_passes"] == 24
+    pids = {int(w.rsplit(":", 1)[1]) for w in dask["forward_passes_by_worker"]}
+    assert len(pids) == 2 and os.getpid() not in pids  # two worker processes, not this one
+    a, b = all_features(tmp_path / "direct/bottlenecks"), all_features(tmp_path / "dask/bottlenecks")
+    assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_a_part_the_runner_lost_fails_the_stage(weights, examples, tmp_path):
+    """A runner that drops work (Beam's DaskRunner drops what finish_bundle emits) must not pass unnoticed."""
+    from components.errors import GraftlineError
+
+    folder = tmp_path / "staging"
+    folder.mkdir()
+    units = [("train", "train-00000-of-00002.tfrecord.gz", "train-00000-of-00002.parquet"),
+             ("train", "train-00001-of-00002.tfrecord.gz", "train-00001-of-00002.parquet")]
+    (folder / ("train-00000-of-00002.parquet" + bottleneck.RECEIPT_SUFFIX)).write_text(
+        '{"part": "train-00000-of-00002.parquet", "split": "train", "rows": 3}')
+    with pytest.raises(GraftlineError, match="wrote no part for train-00001-of-00002.tfrecord.gz"):
+        bottleneck._collect_receipts(str(folder), units, "SomeRunner", "out")
+
+
+def test_dask_address_needs_the_dask_runner():
+    with pytest.raises(params_mod.ParamsError, match="bottleneck.dask_address"):
+        params_mod.from_dict({"data": {"source": "x", "sha256": ""},
+                              "bottleneck": {"dask_address": "tcp://10.0.0.1:8786"}})
+    flags = bottleneck.beam_flags(params_mod.from_dict({"data": {"source": "x", "sha256": ""}, "bottleneck": {
+        "runner": "dask", "dask_address": "tcp://10.0.0.1:8786"}}).bottleneck, units=5, dask_address="tcp://10.0.0.1:8786")
+    assert flags == [f"--runner={bottleneck.DASK_RUNNER}", "--dask_client_address=tcp://10.0.0.1:8786",
+                     "--dask_npartitions=5"]
 
 
 def _equal(a: dict, b: dict) -> bool:

@@ -1,0 +1,213 @@
+"""The bottleneck stage on Beam's DaskRunner: a real `dask scheduler` and two `dask worker` processes on loopback.
+
+Against the session's DirectRunner run of the same 400 flower photos
+(`project`): the same features, work on both workers, `dvc repro` treating
+the output like any other, and a worker killed mid-run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from components import bottleneck, features, records
+from conftest import BIN, FLOWERS, copy_repo, run
+from test_bottleneck import all_features as features_of
+
+pytestmark = pytest.mark.slow
+SHARD_SIZE = 25  # 400 photos -> 18 shards (12 train, 3 val, 3 test): tasks for both workers
+
+
+@dataclass
+class Cluster:
+    address: str
+    workers: list[subprocess.Popen]
+
+
+@contextmanager
+def dask_cluster(folder: Path, env: dict, n_workers: int = 2):
+    """`dask scheduler` + n `dask worker` processes (one thread, no nanny: a killed worker stays dead).
+
+    The workers run in their own folder, so a relative path that reached them
+    unresolved would land there, not in the project.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    scheduler_file = folder / "scheduler.json"
+    log = open(folder / "cluster.log", "w")
+    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                               "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+                              cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)]
+    try:
+        deadline = time.time() + 60
+        while not scheduler_file.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        workdir = folder / "workers"
+        workdir.mkdir(exist_ok=True)
+        workers = [subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--no-nanny",
+                                     "--no-dashboard", "--host", "127.0.0.1", "--name", f"w{i}"],
+                                    cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+                   for i in range(n_workers)]
+        procs += workers
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(n_workers, timeout=120)
+        yield Cluster(address, workers)
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+
+def dask_params(root: Path, address: str, cache_dir: str) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"].update(source=str(FLOWERS), sha256="", shard_size=SHARD_SIZE)
+    params["bottleneck"].update(runner="dask", dask_address=address, cache_dir=cache_dir)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def assert_same_features(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and len(a) == 400
+    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    assert worst <= 1e-5, f"features differ from the DirectRunner's by up to {worst}"
+
+
+def worker_pids(report: dict) -> dict[int, int]:
+    return {int(w.rsplit(":", 1)[1]): n for w, n in report["forward_passes_by_worker"].items()}
+
+
+@pytest.fixture(scope="module")
+def direct_features(project) -> dict[str, np.ndarray]:
+    """The session's `dvc repro` with the default DirectRunner."""
+    return features_of(project.root / "artifacts" / "bottlenecks")
+
+
+@pytest.fixture(scope="module")
+def direct_features_by_sha(project, direct_features) -> dict[str, np.ndarray]:
+    """The same, keyed like the feature cache (sha256 of the image bytes)."""
+    import hashlib
+
+    by_sha = {}
+    for split in records.SPLITS:
+        for shard in records.shard_paths(project.root / "artifacts" / "examples", split):
+            for record in records.read_shard(str(shard)):
+                by_sha[hashlib.sha256(record.image).hexdigest()] = direct_features[record.key]
+    return by_sha
+
+
+@pytest.fixture(scope="module")
+def dask_project(project, tmp_path_factory):
+    """ingest + bottleneck by `dvc repro bottleneck` in a fresh git repo, bottleneck on the Dask cluster."""
+    base = tmp_path_factory.mktemp("dask")
+    root = base / "project"
+    root.mkdir()
+    copy_repo(root)
+    with dask_cluster(base / "cluster", project.env) as cluster:
+        dask_params(root, cluster.address, "data/feature_cache")  # relative: the client resolves it
+        logs = base / "logs"
+        logs.mkdir()
+        run(["git", "init", "-q", "-b", "main"], root, project.env, logs / "git-init.log")
+        run(["git", "add", "-A"], root, project.env, logs / "git-add.log")
+        run(["git", "commit", "-qm", "dask"], root, project.env, logs / "git-commit.log")
+        first = run(["dvc", "repro", "bottleneck"], root, project.env, logs / "repro.log")
+        again = run(["dvc", "repro", "bottleneck"], root, project.env, logs / "repro-again.log")
+        status = run(["dvc", "status", "bottleneck"], root, project.env, logs / "status.log")
+        yield {"root": root, "cluster": cluster, "first": first, "again": again, "status": status,
+               "report": json.loads((root / "reports" / "bottleneck.json").read_text()), "base": base}
+
+
+def test_dask_features_equal_the_direct_runners(dask_project, direct_features):
+    assert_same_features(features_of(dask_project["root"] / "artifacts" / "bottlenecks"), direct_features)
+    report = dask_project["report"]
+    shards = len(list((dask_project["root"] / "artifacts" / "examples").glob("*.tfrecord.gz")))
+    assert shards == 18 and report["forward_passes"] == 400 and report["parts"] == shards
+    assert f"--dask_npartitions={shards}" in report["beam_flags"]
+
+
+def test_both_dask_workers_did_part_of_the_work(dask_project):
+    passes = worker_pids(dask_project["report"])
+    cluster_pids = {w.pid for w in dask_project["cluster"].workers}
+    assert set(passes) == cluster_pids, f"forward passes by pid {passes}, cluster workers {cluster_pids}"
+    assert all(n > 0 for n in passes.values()) and sum(passes.values()) == 400
+
+
+def test_dvc_treats_the_dask_output_like_any_other(dask_project):
+    root = dask_project["root"]
+    assert "Running stage 'bottleneck'" in dask_project["first"]
+    assert "Running stage" not in dask_project["again"]  # nothing changed: nothing re-run
+    assert "up to date" in dask_project["status"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["bottleneck"]
+    out = next(o for o in lock["outs"] if o["path"] == "artifacts/bottlenecks")
+    assert out["nfiles"] == 18 + 1  # the parts and manifest.json, nothing else
+    manifest = json.loads((root / "artifacts" / "bottlenecks" / bottleneck.MANIFEST).read_text())
+    assert sum(p["rows"] for p in manifest["parts"]) == 400 and len(manifest["parts"]) == 18
+    # The relative cache_dir was resolved by the client: entries in the project, none in the workers' folder.
+    assert len(list((root / "data" / "feature_cache").rglob("*.f32"))) == 400
+    assert not list((dask_project["base"] / "cluster" / "workers").rglob("*.f32"))
+
+
+def test_a_worker_killed_mid_run_leaves_no_partial_output(project, dask_project, direct_features,
+                                                          direct_features_by_sha, tmp_path):
+    """Kill one of two workers right after its first part: Dask reruns its tasks on the other."""
+    root = tmp_path / "project"
+    shutil.copytree(dask_project["root"], root, ignore=shutil.ignore_patterns(".dvc", ".git", "feature_cache"))
+    shutil.rmtree(root / "artifacts" / "bottlenecks")
+    cache = tmp_path / "cache"
+    with dask_cluster(tmp_path / "cluster", project.env) as cluster:
+        dask_params(root, cluster.address, str(cache))
+        stage = subprocess.Popen([str(BIN / "graftline"), "bottleneck"], cwd=root, env=project.env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        victims = {w.pid: w for w in cluster.workers}
+        killed = None
+        deadline = time.time() + 300
+        while killed is None and stage.poll() is None and time.time() < deadline:
+            for receipt in root.glob(f"artifacts/.bottlenecks.tmp-*/*{bottleneck.RECEIPT_SUFFIX}"):
+                try:
+                    pid = int(json.loads(receipt.read_text())["worker"].rsplit(":", 1)[1])
+                except (OSError, ValueError):
+                    continue  # renamed away between glob and read
+                if pid in victims:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = pid
+                    break
+            time.sleep(0.05)
+        output, _ = stage.communicate(timeout=600)
+    assert killed is not None, f"no worker finished a part before the stage ended:\n{output[-3000:]}"
+    assert victims[killed].wait(timeout=10) == -signal.SIGKILL
+    out = root / "artifacts" / "bottlenecks"
+    if stage.returncode == 0:  # Dask rescheduled the dead worker's tasks
+        assert_same_features(features_of(out), direct_features)
+        report = json.loads((root / "reports" / "bottleneck.json").read_text())
+        assert report["rows"] == {s: len(features.read_split(out, s)[0]) for s in records.SPLITS}
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            [bottleneck.MANIFEST] + [records.part_name(str(s)) for s in (root / "artifacts" / "examples").glob("*.tfrecord.gz")])
+    else:  # or the stage failed: one clear line, and no output at all
+        assert "bottleneck: the Dask run failed" in output, output[-3000:]
+        assert not out.exists()
+    assert not list(root.glob("artifacts/.bottlenecks.tmp-*")), "a staging folder was left behind"
+    # Every cache entry is whole; a torn write can only be a *.tmp-* file, which is never read.
+    entries = list(cache.rglob("*.f32"))
+    assert entries and all(e.stat().st_size == 1280 * 4 + 4 for e in entries)
+    fingerprint_folder = next(cache.iterdir())
+    reader = bottleneck.FeatureCache(str(cache), fingerprint_folder.name, 1280)
+    for entry in entries:
+        vector, rejected = reader.get(entry.stem)
+        assert vector is not None and not rejected
+        np.testing.assert_allclose(vector, direct_features_by_sha[entry.stem], atol=1e-5)
