@@ -344,6 +344,7 @@ def published(out: str) -> Iterator[str]:
         yield staging
         if FileSystems.exists(out):
             FileSystems.delete([out])
+        FileSystems.mkdirs(out)  # a no-op on object stores
         moved = [m.path for m in FileSystems.match([FileSystems.join(staging, "*")])[0].metadata_list]
         FileSystems.rename(moved, [FileSystems.join(out, m.rsplit("/", 1)[-1]) for m in moved])
     finally:

@@ -1,11 +1,14 @@
 """The Beam bottleneck stage on drawn photos: Parquet schema, runners, the per-image feature cache."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.io.filesystem import BeamIOError, FileMetadata
+from apache_beam.io.localfilesystem import LocalFileSystem
 
 from components import bottleneck, features, ingest, records
 from drawing import make_class_tree
@@ -207,6 +210,83 @@ def test_dask_address_needs_the_dask_runner():
         "runner": "dask", "dask_address": "tcp://10.0.0.1:8786"}}).bottleneck, units=5, dask_address="tcp://10.0.0.1:8786")
     assert flags == [f"--runner={bottleneck.DASK_RUNNER}", "--dask_client_address=tcp://10.0.0.1:8786",
                      "--dask_npartitions=5"]
+
+
+class RootFileSystem(LocalFileSystem):
+    """``rootfs://<path>``: a local folder behind a scheme that is not local, as gs:// and s3:// are.
+
+    A real Beam FileSystem (Beam finds it by its scheme), so the stage's code
+    for non-local locations (no folder renames: parts renamed one by one,
+    manifest last) runs here without a cloud account.
+    """
+    ROOT = ""
+
+    @classmethod
+    def scheme(cls):
+        return "rootfs"
+
+    def _local(self, url: str) -> str:
+        return os.path.join(self.ROOT, url[len("rootfs://"):])
+
+    def join(self, base, *paths):
+        return "/".join([base.rstrip("/")] + [p.strip("/") for p in paths])
+
+    def split(self, url):
+        return tuple(url.rsplit("/", 1))
+
+    def mkdirs(self, url):
+        super().mkdirs(self._local(url))
+
+    def _list(self, prefix):
+        for folder, _, names in os.walk(self._local(prefix)):
+            for name in names:
+                local = os.path.join(folder, name)
+                yield FileMetadata("rootfs://" + os.path.relpath(local, self.ROOT), os.path.getsize(local),
+                                   os.path.getmtime(local))
+
+    def create(self, url, *args, **kwargs):
+        return super().create(self._local(url), *args, **kwargs)
+
+    def open(self, url, *args, **kwargs):
+        return super().open(self._local(url), *args, **kwargs)
+
+    def rename(self, sources, destinations):
+        super().rename([self._local(u) for u in sources], [self._local(u) for u in destinations])
+
+    def exists(self, url):
+        return super().exists(self._local(url))
+
+    def delete(self, urls):  # LocalFileSystem.delete matches its paths again, which here would be URLs
+        import shutil
+
+        for url in urls:
+            local = self._local(url)
+            if not os.path.exists(local):
+                raise BeamIOError("Delete operation failed", {url: FileNotFoundError(local)})
+            shutil.rmtree(local) if os.path.isdir(local) else os.remove(local)
+
+
+def test_examples_cache_and_output_on_a_non_local_filesystem(weights, examples, tmp_path):
+    """Shards read, cache entries and Parquet parts written, all through Beam FileSystems under rootfs://."""
+    import shutil
+
+    RootFileSystem.ROOT = str(tmp_path / "bucket")
+    shutil.copytree(examples, tmp_path / "bucket" / "examples")
+    local = extract(make_params(weights), examples, tmp_path / "local")
+    params = make_params(weights, cache_dir="rootfs://cache")
+    runtime.configure(params.seed)
+    outputs = {"bottlenecks": "rootfs://out/bottlenecks", "report": tmp_path / "report.json"}
+    report = bottleneck.run(params, {"examples": "rootfs://examples"}, outputs)
+    again = bottleneck.run(params, {"examples": "rootfs://examples"}, outputs)  # over the first output
+    assert report["forward_passes"] == 30 and again["cache"]["hits"] == 30 and again["forward_passes"] == 0
+    published = tmp_path / "bucket" / "out" / "bottlenecks"
+    assert sorted(p.name for p in published.iterdir()) == sorted(
+        [bottleneck.MANIFEST] + [records.part_name(str(s)) for s in examples.glob("*.tfrecord.gz")])
+    assert not [p for p in (tmp_path / "bucket" / "out").iterdir() if p.name != "bottlenecks"]  # no staging left
+    assert len(list((tmp_path / "bucket" / "cache").rglob("*.f32"))) == 30
+    remote, here = all_features(published), all_features(tmp_path / "local" / "bottlenecks")
+    assert remote.keys() == here.keys() and all(np.allclose(remote[k], here[k], atol=1e-6) for k in here)
+    assert report["rows"] == local["rows"]
 
 
 def _equal(a: dict, b: dict) -> bool:
