@@ -188,6 +188,22 @@ def test_dask_local_cluster_spreads_shards_and_matches_the_direct_runner(weights
     assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_an_unreachable_dask_scheduler_is_one_clear_line(weights, examples, tmp_path):
+    import portpicker
+
+    from components.errors import GraftlineError
+
+    address = f"tcp://127.0.0.1:{portpicker.pick_unused_port()}"  # nobody listens there
+    params = params_mod.from_dict({
+        "data": {"source": "unused", "sha256": ""},
+        "base": {"alpha": 0.35, "image_size": SIZE, "weights": str(weights)},
+        "bottleneck": {"runner": "dask", "dask_address": address, "beam_options": ["--dask_connection_timeout=3"]},
+    })
+    with pytest.raises(GraftlineError, match=f"cannot reach the Dask scheduler at {address} .bottleneck.dask_address"):
+        extract(params, examples, tmp_path)
+    assert not (tmp_path / "bottlenecks").exists() and not list(tmp_path.glob(".bottlenecks.tmp-*"))
+
+
 def test_a_part_the_runner_lost_fails_the_stage(weights, examples, tmp_path):
     """A runner that drops work (Beam's DaskRunner drops what finish_bundle emits) must not pass unnoticed."""
     from components.errors import GraftlineError
