@@ -238,8 +238,8 @@ def train_and_save(params, inputs: dict, outputs: dict, strategy) -> dict:
         rows = done_rows
         # Early stopping restores the best val-loss epoch of this session (a resumed run starts its own).
         session = rows[resumed_after:] if trained_now else rows[-1:]
-        val_loss = CURVE_COLUMNS.index("val_loss")
-        chosen = min(session, key=lambda row: row[val_loss]) if f.early_stopping_patience else rows[-1]
+        val_loss_column = CURVE_COLUMNS.index("val_loss")
+        chosen = min(session, key=lambda row: row[val_loss_column]) if f.early_stopping_patience else rows[-1]
         final = dict(zip(CURVE_COLUMNS[1:], chosen[1:]))
         best_epoch = chosen[0]
     else:  # nothing trained: report what base + head score as they are

@@ -253,12 +253,6 @@ _SECTIONS = {
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 
 
-def _bottleneck():
-    from components import bottleneck  # imports Beam: only when a Dask param needs checking
-
-    return bottleneck
-
-
 def _validate(p: Params) -> None:
     from components import base_models  # the registry knows model names
 
@@ -302,8 +296,11 @@ def _validate(p: Params) -> None:
         _fail("input_block.upsample", p.input_block.upsample, "an integer factor from 1 (none) to 8")
     if not p.bottleneck.runner:
         _fail("bottleneck.runner", p.bottleneck.runner, "a Beam runner name such as DirectRunner, or dask")
-    if p.bottleneck.dask_address and not _bottleneck().is_dask(p.bottleneck.runner):
-        _fail("bottleneck.dask_address", p.bottleneck.dask_address, "'' unless bottleneck.runner is dask")
+    if p.bottleneck.dask_address:
+        from components.bottleneck import is_dask  # imports Beam: only when a Dask param needs checking
+
+        if not is_dask(p.bottleneck.runner):
+            _fail("bottleneck.dask_address", p.bottleneck.dask_address, "'' unless bottleneck.runner is dask")
     if p.train.strategy not in STRATEGIES:
         _fail("train.strategy", p.train.strategy, " | ".join(STRATEGIES))
     for section in ("bottleneck", "train_head", "fine_tune", "evaluate"):

@@ -26,7 +26,6 @@ def configure(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-
 # Stages that train and so read train.device; ingest and evaluate never use a GPU.
 TRAINING_STAGES = ("train_head", "fine_tune")
 CPU_ONLY_STAGES = ("ingest", "evaluate")
