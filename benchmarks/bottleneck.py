@@ -130,7 +130,7 @@ def main() -> None:
             draw_folder(source, args.draw)
         p = params.from_dict({"data": {"source": str(source.resolve()), "sha256": "", "shard_size": args.shard_size}})
         examples = work / "examples"
-        ingest.run(p, {"download_dir": work / "raw"}, {"examples": examples, "labels": work / "labels.json",
+        ingest.run(p, {"downloads": work / "download", "extract_dir": work / "raw"}, {"examples": examples, "labels": work / "labels.json",
                                                        "report": work / "ingest.json"})
         results = {}
         for _ in range(args.repeats):

@@ -116,7 +116,7 @@ def resolve_weights(model: str, alpha: float, image_size: int, weights: str) -> 
                 "file (.h5 / .weights.h5), or use 'imagenet' or 'none'."
             )
         return str(path)
-    from components.download import fetch  # network code only when needed
+    from components.fetch import fetch  # network code only when needed
 
     name, url = REGISTRY[model].weights_file(alpha, image_size)
     folder = keras_models_dir()

@@ -58,7 +58,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from components import base_models, features, images, records
 from components.atomic import atomic_dir, write_json
-from components.download import sha256_of
+from components.fetch import sha256_of
 from components.errors import GraftlineError
 
 # Beam 2.77 imports `resource` together with an optional torch-only module, so

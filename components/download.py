@@ -1,62 +1,28 @@
-"""Download a file once, with a progress bar, a sha256 check and a clear offline error."""
+"""Stage 0, download: ``data.url`` to ``data.source``, so that DVC tracks the photos ingest reads.
+
+dvc.yaml makes ``data.source`` a dependency of ingest (``${data.source}``): DVC hashes that
+folder or archive, with its own state cache, so adding, removing or editing a photo re-runs
+ingest (and then only what the new examples change). A URL cannot be such a dependency (DVC
+would ask the server every time, and fail offline), so a URL source is ``data.url``, and
+this stage downloads it once, with a progress bar and the ``data.sha256`` check, to
+``data.source``, which lies in ``data/download/`` (this stage's output). When data.source
+is a folder or archive of your own, there is nothing to download.
+
+Outputs: ``folder`` (data/download/).
+"""
 from __future__ import annotations
 
-import hashlib
-import socket
-import urllib.error
-import urllib.request
+import time
 from pathlib import Path
 
-from tqdm import tqdm
-
-from components.atomic import atomic_file
-from components.errors import GraftlineError
-
-CONNECT_TIMEOUT_S = 15  # an unreachable host fails within seconds, not minutes
+from components import fetch
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
-
-
-def fetch(url: str, dest: Path, sha256: str = "", what: str = "file", offline_hint: str = "") -> Path:
-    """Return ``dest``, downloading ``url`` there first unless a verified copy exists."""
-    dest = Path(dest)
-    if dest.exists():
-        if not sha256 or sha256_of(dest) == sha256:
-            return dest
-        dest.unlink()  # stale or corrupt copy: fetch again
-    try:
-        response = urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT_S)
-    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise GraftlineError(
-            f"cannot download {what} from {url} ({reason}): this machine seems to be offline. "
-            + offline_hint
-        ) from None
-    total = int(response.headers.get("Content-Length") or 0) or None
-    digest = hashlib.sha256()
-    try:
-        with response, atomic_file(dest, "wb") as out, tqdm(
-            total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}"
-        ) as bar:
-            while block := response.read(1 << 20):
-                out.write(block)
-                digest.update(block)
-                bar.update(len(block))
-            if sha256 and digest.hexdigest() != sha256:
-                raise GraftlineError(
-                    f"{url} downloaded with sha256 {digest.hexdigest()}, expected {sha256}: "
-                    "the file changed upstream or the download is corrupt; nothing was kept."
-                )
-    except (urllib.error.URLError, socket.timeout, ConnectionError) as exc:
-        raise GraftlineError(f"download of {url} was interrupted ({exc}); run again to retry.") from None
-    return dest
+def run(params, inputs: dict, outputs: dict) -> dict:
+    """inputs: none. outputs: folder (where data.source is downloaded when it lies there)."""
+    started = time.time()
+    folder = Path(outputs["folder"])
+    folder.mkdir(parents=True, exist_ok=True)
+    downloaded = fetch.fetch_source(params.data, folder)
+    return {"downloaded": str(downloaded) if downloaded else None,
+            "wall_time_s": round(time.time() - started, 2)}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components import devices, gate, plots
+from components import devices, gate, inference, plots
 from components.atomic import read_json, write_csv, write_json
 from components.errors import GraftlineError
 from components.export import LABELS_FILE, MODEL_FILE
@@ -61,17 +61,17 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     labels = read_json(model_dir / LABELS_FILE)
     model = keras.saving.load_model(model_dir / MODEL_FILE)
     image_size = int(model.input_shape[1])
-    test = image_dataset(Path(inputs["examples"]), "test", image_size, params.evaluate.batch_size, keys=True)
-
+    # One photo per forward pass: the figures do not depend on batching (components/inference.py).
+    infer = inference.alone(model, image_size)
     probabilities, actual, keys = [], [], []
-    for batch_images, batch_labels, batch_keys in test:
-        probabilities.append(model(batch_images, training=False).numpy())
-        actual.append(batch_labels.numpy())
-        keys += [k.decode() for k in batch_keys.numpy()]
+    for image, label, key in image_dataset(Path(inputs["examples"]), "test", image_size, 1, keys=True):
+        probabilities.append(infer(image).numpy()[0])
+        actual.append(int(label[0]))
+        keys.append(key[0].numpy().decode())
     if not actual:
         raise GraftlineError(f"the test split in {inputs['examples']} is empty; raise data.test_percent")
-    probabilities = np.concatenate(probabilities)
-    actual = np.concatenate(actual).astype(np.int64)
+    probabilities = np.stack(probabilities)
+    actual = np.asarray(actual, np.int64)
     predicted = probabilities.argmax(axis=1)
     k = min(params.evaluate.top_k, len(labels))
     top_k = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components import base_models, images
+from components import base_models, images, inference
 from components.atomic import write_json
 
 MODEL_FILE = "model.keras"
@@ -26,7 +26,6 @@ SAVED_MODEL_DIR = "saved_model"
 LABELS_FILE = "labels.json"
 LABELS_TXT = "labels.txt"
 TFLITE_FILES = {"float": "model.tflite", "dynamic_range": "model_dynamic_range.tflite"}
-AGREEMENT_BATCH = 32
 
 
 def saved_model(model, labels: list[str], image_size: int, path: Path) -> None:
@@ -76,20 +75,21 @@ def tflite(model, quantize: bool) -> bytes:
         return converter.convert()
 
 
-def tflite_predict(content: bytes, batches) -> np.ndarray:
-    """Class probabilities of a TFLite model for each batch of [0, 255] images."""
+def tflite_predict(content: bytes, images: np.ndarray) -> np.ndarray:
+    """Class probabilities of a TFLite model for [n, size, size, 3] images in [0, 255], one photo per invoke
+    (as components/inference.py runs Keras: the agreement does not depend on batching)."""
     import tensorflow as tf
 
     interpreter = tf.lite.Interpreter(model_content=content)
     source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    interpreter.resize_tensor_input(source["index"], [1, *images.shape[1:]])
+    interpreter.allocate_tensors()
     out = []
-    for batch in batches:
-        interpreter.resize_tensor_input(source["index"], list(batch.shape))
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(source["index"], batch.astype(np.float32))
+    for image in images:
+        interpreter.set_tensor(source["index"], image[None].astype(np.float32))
         interpreter.invoke()
-        out.append(interpreter.get_tensor(target["index"]))
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+        out.append(interpreter.get_tensor(target["index"])[0].copy())
+    return np.stack(out) if out else np.zeros((0, 0), np.float32)
 
 
 def export(model, labels: list[str], image_size: int, out_dir: Path, check_images: np.ndarray | None) -> dict:
@@ -100,15 +100,15 @@ def export(model, labels: list[str], image_size: int, out_dir: Path, check_image
     (out_dir / LABELS_TXT).write_text("".join(f"{name}\n" for name in labels))
     saved_model(model, labels, image_size, out_dir / SAVED_MODEL_DIR)
 
-    batches = [] if check_images is None else [check_images[i:i + AGREEMENT_BATCH]
-                                               for i in range(0, len(check_images), AGREEMENT_BATCH)]
-    keras_top1 = np.concatenate([model(b, training=False).numpy().argmax(axis=1) for b in batches]) if batches else None
+    checked = check_images is not None and len(check_images) > 0
+    keras_top1 = inference.probabilities(model, image_size, check_images).argmax(axis=1) if checked else None
     summary = {}
     for kind, name in TFLITE_FILES.items():
         content = tflite(model, quantize=kind == "dynamic_range")
         (out_dir / name).write_bytes(content)
         entry = {"file": name, "bytes": len(content)}
         if keras_top1 is not None:
-            entry["top1_agreement"] = round(float(np.mean(tflite_predict(content, batches).argmax(axis=1) == keras_top1)), 6)
+            agree = tflite_predict(content, check_images).argmax(axis=1) == keras_top1
+            entry["top1_agreement"] = round(float(np.mean(agree)), 6)
         summary[kind] = entry
     return summary

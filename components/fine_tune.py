@@ -28,7 +28,7 @@ import shutil
 
 from components import base_models, devices, export, images, plots, records
 from components.atomic import atomic_dir, read_json, write_csv, write_json
-from components.download import sha256_of
+from components.fetch import sha256_of
 from components.errors import GraftlineError
 from components.train_head import (CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, keras_verbosity,
                                    make_optimizer)

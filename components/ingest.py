@@ -2,7 +2,7 @@
 
 Outputs: ``examples`` (folder of ``{split}-*.tfrecord.gz``), ``labels``
 (labels.json: class names, index = label) and ``report`` (counts per class and
-split, skipped files with reasons, duplicates, wall time).
+split, skipped files with reasons, duplicates, label conflicts, wall time).
 
 The split of a photo is a hash of its path relative to the source (minus
 anything after ``_nohash_`` in the file name, the retrainer's convention for
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from components import records
 from components.atomic import atomic_dir, write_json
-from components.download import fetch, is_url, sha256_of
+from components.fetch import USE_A_FOLDER, fetch_source, sha256_of
 from components.errors import GraftlineError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
@@ -113,32 +113,31 @@ def _class_root(folder: Path) -> Path:
         folder = subdirs[0]
 
 
-def resolve_source(source: str, sha256: str, download_dir: Path) -> tuple[Path, list[dict]]:
-    """Return the folder of class folders for ``data.source`` and any rejected archive members."""
-    hint = (
-        "To use photos already on this machine, point data.source at a folder of class folders: "
-        "dvc exp run -S data.source=/path/to/photos (or edit params.yaml)."
-    )
-    if is_url(source):
-        name = source.rstrip("/").rsplit("/", 1)[-1] or "source"
-        archive = fetch(source, Path(download_dir) / name, sha256=sha256, what="data.source", offline_hint=hint)
-    else:
-        archive = Path(source).expanduser()
-        if archive.is_dir():
-            return archive, []
-        if not archive.exists():
-            raise GraftlineError(f"data.source {source!r} does not exist. {hint}")
-        if sha256 and sha256_of(archive) != sha256:
-            raise GraftlineError(
-                f"data.source {archive} has sha256 {sha256_of(archive)}, but data.sha256 pins {sha256}. "
-                "Set data.sha256 to the new value if the archive changed on purpose, or '' for none."
-            )
+def resolve_source(data, downloads: Path, extract_dir: Path) -> tuple[Path, list[dict]]:
+    """Return the folder of class folders for ``data.source`` and any rejected archive members.
+
+    A data.source in ``downloads`` that is not there yet is downloaded from data.url first (the
+    download stage does it under DVC; TFX and a bare ``graftline ingest`` come here without it).
+    """
+    source, sha256 = data.source, data.sha256
+    archive = Path(source)
+    if not archive.exists():
+        fetch_source(data, downloads)
+    if archive.is_dir():
+        return archive, []
+    if not archive.exists():
+        raise GraftlineError(f"data.source {source!r} does not exist. {USE_A_FOLDER}")
+    if sha256 and sha256_of(archive) != sha256:
+        raise GraftlineError(
+            f"data.source {archive} has sha256 {sha256_of(archive)}, but data.sha256 pins {sha256}. "
+            "Set data.sha256 to the new value if the archive changed on purpose, or '' for none."
+        )
     if not archive.name.endswith(ARCHIVE_SUFFIXES):
         raise GraftlineError(
             f"data.source {source!r} is neither a folder nor an archive ({', '.join(ARCHIVE_SUFFIXES)})."
         )
     digest = sha256 or sha256_of(archive)
-    target = Path(download_dir) / f"{archive.name.split('.')[0]}-{digest[:12]}"
+    target = Path(extract_dir) / f"{archive.name.split('.')[0]}-{digest[:12]}"
     report = target.with_name(target.name + ".rejected.json")
     if not target.exists():  # extracted once; atomic so a killed run re-extracts
         with atomic_dir(target) as tmp:
@@ -183,8 +182,14 @@ def reencoded(data: bytes) -> bytes:
         return out.getvalue()
 
 
-def scan(root: Path, val_percent: float, test_percent: float, salt: str, workers: int = 1):
-    """Walk the class folders: (class names, photos, skipped, duplicates, ignored)."""
+def scan(root: Path, val_percent: float, test_percent: float, salt: str, workers: int = 1,
+         label_conflicts: str = "drop"):
+    """Walk the class folders: (class names, photos, skipped, duplicates, conflicts, ignored).
+
+    The same photo bytes more than once: under one class, a duplicate (kept once, so test never
+    sees a train photo); under several classes, a label conflict, which ``label_conflicts``
+    decides: "drop" keeps no copy, "keep_first" keeps the first path's (sorted order).
+    """
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(Path(p.name)))
     ignored = [
         {"path": p.name, "reason": "not inside a class folder"}
@@ -197,20 +202,31 @@ def scan(root: Path, val_percent: float, test_percent: float, salt: str, workers
             rel = path.relative_to(root)
             if path.is_file() and not _is_hidden(rel):
                 files.append((rel.as_posix(), path, label))
-    photos, skipped, duplicates, seen = [], [], [], {}
+    skipped, copies = [], {}  # copies: sha256 -> [(key, path, label, reencode)] in sorted key order
     checked = _check_files([str(path) for _, path, _ in files], workers)
     for (key, path, label), (digest, reencode, reason) in zip(
         files, tqdm(checked, total=len(files), desc="ingest: checking photos", unit="photo")
     ):
         if reason:
             skipped.append({"path": key, "reason": reason})
-            continue
-        if digest in seen:  # exact duplicate: keep one copy so test never sees a train photo
-            duplicates.append({"path": key, "same_as": seen[digest]})
-            continue
-        seen[digest] = key
-        photos.append(Photo(key, path, label, digest, split_of(key, val_percent, test_percent, salt), reencode))
-    return classes, photos, skipped, duplicates, ignored
+        else:
+            copies.setdefault(digest, []).append((key, path, label, reencode))
+    photos, duplicates, conflicts = [], [], []
+    for digest, found in copies.items():
+        first_key, path, label, reencode = found[0]
+        if len({c[2] for c in found}) > 1:
+            conflicts.append({"sha256": digest, "paths": [c[0] for c in found],
+                              "classes": [classes[c[2]] for c in found],
+                              "kept": first_key if label_conflicts == "keep_first" else None})
+            if label_conflicts != "keep_first":
+                continue
+        else:
+            duplicates += [{"path": c[0], "same_as": first_key} for c in found[1:]]
+        photos.append(Photo(first_key, path, label, digest, split_of(first_key, val_percent, test_percent, salt),
+                            reencode))
+    photos.sort(key=lambda p: p.key)
+    duplicates.sort(key=lambda d: d["path"])
+    return classes, photos, skipped, duplicates, conflicts, ignored
 
 
 def check_file(path: str) -> tuple[str, bool, str]:
@@ -240,12 +256,13 @@ def _check_files(paths: list[str], workers: int) -> Iterator[tuple[str, bool, st
 
 
 def run(params, inputs: dict, outputs: dict) -> dict:
-    """inputs: download_dir (cache for URL/archive sources). outputs: examples, labels, report."""
+    """inputs: downloads (where data.url lands), extract_dir (archives extracted once). outputs: examples, labels,
+    report."""
     started = time.time()
     data = params.data
-    root, rejected = resolve_source(data.source, data.sha256, Path(inputs["download_dir"]))
-    classes, photos, skipped, duplicates, ignored = scan(
-        root, data.val_percent, data.test_percent, data.split_salt, data.workers)
+    root, rejected = resolve_source(data, Path(inputs["downloads"]), Path(inputs["extract_dir"]))
+    classes, photos, skipped, duplicates, conflicts, ignored = scan(
+        root, data.val_percent, data.test_percent, data.split_salt, data.workers, data.label_conflicts)
 
     if len(classes) < 2:
         raise GraftlineError(
@@ -298,8 +315,11 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         "reencoded": sum(p.reencode for p in photos),
         "num_skipped": len(skipped) + len(rejected),
         "num_duplicates": len(duplicates),
+        "num_label_conflicts": len(conflicts),
         "skipped": skipped + rejected,
         "duplicates": duplicates,
+        # The same photo under several classes (data.label_conflicts: drop keeps no copy).
+        "label_conflicts": conflicts,
         "ignored": ignored,
         "wall_time_s": round(time.time() - started, 2),
     }

@@ -17,8 +17,6 @@ from components.errors import GraftlineError
 from components.export import LABELS_FILE, SAVED_MODEL_DIR
 from components.ingest import check_image, reencoded
 
-BATCH = 32
-
 
 def photo_paths(targets: list[str]) -> Iterator[Path]:
     """Files named, and every non-hidden file under folders named, in sorted order."""
@@ -43,17 +41,7 @@ def predict(model_dir: Path, targets: list[str], top_k: int) -> list[dict]:
         raise GraftlineError(f"{model_dir / SAVED_MODEL_DIR} not found; run the pipeline (fine-tune exports it)")
     labels = json.loads((model_dir / LABELS_FILE).read_text())
     serve = tf.saved_model.load(str(model_dir / SAVED_MODEL_DIR)).signatures["serve"]
-    results, pending = [], []
-
-    def flush():
-        if not pending:
-            return
-        probabilities = serve(image_bytes=tf.constant([data for _, data in pending]))["probabilities"].numpy()
-        for (entry, _), p in zip(pending, probabilities):
-            best = np.argsort(-p, kind="stable")[:top_k]
-            entry["top"] = [{"class": labels[i], "probability": round(float(p[i]), 6)} for i in best]
-        pending.clear()
-
+    results = []
     for path in photo_paths(targets):
         data = path.read_bytes()
         reencode, reason = check_image(data)
@@ -62,10 +50,10 @@ def predict(model_dir: Path, targets: list[str], top_k: int) -> list[dict]:
         if reason:
             entry["skipped"] = reason
             continue
-        pending.append((entry, reencoded(data) if reencode else data))
-        if len(pending) == BATCH:
-            flush()
-    flush()
+        # One photo per call, as evaluate runs them: a photo's probabilities do not depend on the others.
+        p = serve(image_bytes=tf.constant([reencoded(data) if reencode else data]))["probabilities"].numpy()[0]
+        best = np.argsort(-p, kind="stable")[:top_k]
+        entry["top"] = [{"class": labels[i], "probability": round(float(p[i]), 6)} for i in best]
     return results
 
 

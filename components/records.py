@@ -79,7 +79,9 @@ def to_example(record: Record) -> bytes:
         KEY: _bytes(record.key.encode()),
         SHA256: _bytes(record.sha256.encode()),
     }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    # deterministic: a proto map (the features) is otherwise serialized in an order that changes run to run,
+    # and DVC would see new examples, and re-run every later stage, each time ingest runs.
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 def _feature_spec():

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import GraftlineError
+from components.fetch import DOWNLOAD_DIR
 
 FLOWERS_URL = "http://download.tensorflow.org/example_images/flower_photos.tgz"
 FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
@@ -30,8 +31,10 @@ class ParamsError(GraftlineError):
 
 @dataclass(frozen=True)
 class DataParams:
-    # A folder of class folders, or a .tgz/.tar.gz/.zip archive by path or URL.
-    source: str = FLOWERS_URL
+    # A folder of class folders, or a .tgz/.tar.gz/.zip archive (a local path; DVC tracks its contents).
+    source: str = f"{DOWNLOAD_DIR}/flower_photos.tgz"
+    # Downloaded once to data.source when data.source lies in data/download/ ('' = nothing to download).
+    url: str = FLOWERS_URL
     # sha256 of an archive source ("" = not checked); ignored for folders.
     sha256: str = FLOWERS_SHA256
     val_percent: float = 15.0
@@ -42,6 +45,8 @@ class DataParams:
     min_per_class: int = 2
     # Processes that check photos in parallel; 0 = one per core.
     workers: int = 0
+    # The same photo under two classes: drop (keep no copy) | keep_first (the first path's class).
+    label_conflicts: str = "drop"
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,6 @@ class FineTuneParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = 32
     top_k: int = 3  # top_k_accuracy: the true class among the k most probable
     mistakes: int = 20  # the most confident wrong predictions listed in metrics
     # Gate: metric name -> minimum, e.g. {accuracy: 0.9}; the stage exits non-zero below it.
@@ -258,7 +262,15 @@ def _validate(p: Params) -> None:
 
     d = p.data
     if not d.source:
-        _fail("data.source", d.source, "a folder of class folders, an archive path, or an http(s) URL")
+        _fail("data.source", d.source, "a folder of class folders or an archive path")
+    if "://" in d.source:
+        name = d.source.rstrip("/").rsplit("/", 1)[-1] or "photos.tgz"
+        _fail("data.source", d.source, f"a local path, which DVC can track: put the URL in data.url and set "
+                                       f"data.source: {DOWNLOAD_DIR}/{name} (the download stage saves it there)")
+    if d.source.startswith("~"):
+        _fail("data.source", d.source, "a path without ~ (DVC does not expand it): write the absolute path")
+    if d.url and not d.url.startswith(("http://", "https://")):
+        _fail("data.url", d.url, "an http(s) URL, or '' when data.source is a folder or archive of your own")
     if not 0 < d.val_percent < 100:
         _fail("data.val_percent", d.val_percent, "a percentage > 0 and < 100 (val loss drives early stopping)")
     if not 0 < d.test_percent < 100:
@@ -273,6 +285,8 @@ def _validate(p: Params) -> None:
         _fail("data.min_per_class", d.min_per_class, "an integer >= 1")
     if d.workers < 0:
         _fail("data.workers", d.workers, "an integer >= 0 (0 = one per core)")
+    if d.label_conflicts not in ("drop", "keep_first"):
+        _fail("data.label_conflicts", d.label_conflicts, "drop or keep_first")
 
     b = p.base
     if base_models.is_keras_file(b.model):
@@ -303,7 +317,7 @@ def _validate(p: Params) -> None:
             _fail("bottleneck.dask_address", p.bottleneck.dask_address, "'' unless bottleneck.runner is dask")
     if p.train.strategy not in STRATEGIES:
         _fail("train.strategy", p.train.strategy, " | ".join(STRATEGIES))
-    for section in ("bottleneck", "train_head", "fine_tune", "evaluate"):
+    for section in ("bottleneck", "train_head", "fine_tune"):
         size = getattr(p, section).batch_size
         if size < 1:
             _fail(f"{section}.batch_size", size, "an integer >= 1")

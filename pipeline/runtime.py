@@ -1,12 +1,24 @@
 """Process-wide setup both adapters do before a stage: quiet logs, seeds, determinism."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 import warnings
 
-# Set before TensorFlow is imported anywhere: its C++ INFO lines drown the progress bars.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Set before TensorFlow is imported anywhere: fewer C++ log lines to hide (pipeline/console.py);
+# GRAFTLINE_VERBOSE=1 asks for all of them.
+if os.environ.get("GRAFTLINE_VERBOSE") != "1":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+class _UnusedFileSystems(logging.Filter):
+    """Beam names each cloud filesystem whose client library is missing when it is imported; graftline
+    uses them only for gs:// or s3:// locations, where Beam then fails with a clear error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return os.environ.get("GRAFTLINE_VERBOSE") == "1" or not record.getMessage().startswith("Failed to import")
+
+
+logging.getLogger("apache_beam.io.filesystems").addFilter(_UnusedFileSystems())
 # Keras says this at the end of every first epoch over a tf.data.Dataset of unknown length.
 warnings.filterwarnings("ignore", message="Your input ran out of data")
 # tf.lite.Interpreter still ships with TensorFlow 2.21 and runs the export check; its successor

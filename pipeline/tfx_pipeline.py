@@ -23,6 +23,7 @@ from tfx.orchestration.metadata import sqlite_metadata_connection_config
 from tfx.orchestration.pipeline import Pipeline
 from tfx.types.artifact import Artifact
 
+from components.fetch import DOWNLOAD_DIR
 from pipeline import params as params_mod
 from pipeline import runtime
 
@@ -74,8 +75,8 @@ def _call(stage: str, params_json: str, inputs: dict, outputs: dict) -> dict:
 
 @component
 def Ingest(examples: OutputArtifact[Examples], report: OutputArtifact[StageReport],
-           params_json: Parameter[str], download_dir: Parameter[str]):
-    _call("ingest", params_json, {"download_dir": download_dir},
+           params_json: Parameter[str], downloads: Parameter[str], extract_dir: Parameter[str]):
+    _call("ingest", params_json, {"downloads": downloads, "extract_dir": extract_dir},
           {"examples": _examples(examples), "labels": _labels(examples),
            "report": Path(report.uri) / "report.json"})
 
@@ -122,14 +123,15 @@ def Evaluate(examples: InputArtifact[Examples], model: InputArtifact[Model],
            "confusion_png": uri / "confusion.png", "report": uri / "report.json"})
 
 
-def create_pipeline(params, pipeline_root: str, download_dir: str, metadata_path: str | None = None) -> Pipeline:
+def create_pipeline(params, pipeline_root: str, downloads: str, extract_dir: str,
+                    metadata_path: str | None = None) -> Pipeline:
     """The five components wired as in dvc.yaml; params travel as one JSON parameter.
 
     ``metadata_path``: a SQLite ML-Metadata store for LocalDagRunner; compiled
     pipelines (Vertex, Kubeflow) bring their own store, so they leave it out.
     """
     params_json = json.dumps(params.to_dict(), sort_keys=True)
-    ingest = Ingest(params_json=params_json, download_dir=download_dir)
+    ingest = Ingest(params_json=params_json, downloads=downloads, extract_dir=extract_dir)
     bottleneck = Bottleneck(examples=ingest.outputs["examples"], params_json=params_json)
     train_head = TrainHead(examples=ingest.outputs["examples"], bottlenecks=bottleneck.outputs["bottlenecks"],
                            params_json=params_json)
@@ -170,8 +172,8 @@ def run_local(params_path: str, root: Path) -> dict:
                              "with graftline train-head / fine-tune (see README, Scale-out)")
     root.mkdir(parents=True, exist_ok=True)
     runtime.configure_training(params.train)  # one process for all five: set up for the training stages
-    LocalDagRunner().run(create_pipeline(params, str((root / "pipeline").resolve()), str(Path("data/raw").resolve()),
-                                         str((root / "metadata.sqlite").resolve())))
+    LocalDagRunner().run(create_pipeline(params, str((root / "pipeline").resolve()), str(Path(DOWNLOAD_DIR).resolve()),
+                                         str(Path("data/raw").resolve()), str((root / "metadata.sqlite").resolve())))
     uris = latest_artifacts(root)
     metrics = json.loads((Path(uris[Evaluation.TYPE_NAME]) / "metrics.json").read_text())
     (root / "latest.json").write_text(json.dumps({"artifacts": uris, "evaluate": metrics}, indent=2) + "\n")
@@ -186,7 +188,7 @@ PIPELINE_ROOTS = {
     "kubeflow": "minio://mlpipeline/v2/artifacts/graftline",  # the bucket a Kubeflow install comes with
 }
 GPU_COMPONENTS = ("TrainHead", "FineTune")  # ingest, bottleneck and evaluate request no accelerator
-CONTAINER_DOWNLOAD_DIR = "/tmp/graftline/raw"  # inside a component's container
+CONTAINER_EXTRACT_DIR = "/tmp/graftline/raw"  # inside a component's container (data.url still lands in data/download/)
 
 
 def _allow_compiling_without_tfma() -> None:
@@ -215,7 +217,7 @@ def compile_spec(params_path: str, target: str, output: str | None = None, pipel
 
     params = params_mod.load(params_path)
     _allow_compiling_without_tfma()
-    pipeline = create_pipeline(params, pipeline_root or PIPELINE_ROOTS[target], CONTAINER_DOWNLOAD_DIR)
+    pipeline = create_pipeline(params, pipeline_root or PIPELINE_ROOTS[target], DOWNLOAD_DIR, CONTAINER_EXTRACT_DIR)
     for node in pipeline.components:
         if node.id in GPU_COMPONENTS:
             node.with_platform_config(gpu_request(params.train))

@@ -86,7 +86,7 @@ def dask_params(root: Path, address: str, cache_dir: str) -> None:
 def assert_same_features(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and len(a) == 400
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
-    assert worst <= 1e-5, f"features differ from the DirectRunner's by up to {worst}"
+    assert worst <= features.RECOMPUTED_ATOL, f"features differ from the DirectRunner's by up to {worst}"
 
 
 def worker_pids(report: dict) -> dict[int, int]:
@@ -213,4 +213,4 @@ def test_a_worker_killed_mid_run_leaves_no_partial_output(project, dask_project,
     for entry in entries:
         vector, rejected = reader.get(entry.stem)
         assert vector is not None and not rejected
-        np.testing.assert_allclose(vector, direct_features_by_sha[entry.stem], atol=1e-5)
+        np.testing.assert_allclose(vector, direct_features_by_sha[entry.stem], atol=features.RECOMPUTED_ATOL)

@@ -37,11 +37,17 @@ def assert_one_line_error(result: subprocess.CompletedProcess, stage: str, *word
 
 
 def test_offline_url_source_stops_in_seconds_with_how_to_use_a_folder(tmp_path):
-    write_params(tmp_path, {"data": {"source": "http://download.tensorflow.org/example_images/flower_photos.tgz"}})
-    result, elapsed = graftline(["ingest"], tmp_path, http_proxy=DEAD_PROXY, HTTP_PROXY=DEAD_PROXY)
-    assert_one_line_error(result, "ingest", "offline", "data.source", "/path/to/photos")
+    write_params(tmp_path, {})  # the defaults: data.url downloaded to data/download/flower_photos.tgz
+    result, elapsed = graftline(["download"], tmp_path, http_proxy=DEAD_PROXY, HTTP_PROXY=DEAD_PROXY)
+    assert_one_line_error(result, "download", "offline", "data.url", "data.source", "/path/to/photos")
     assert elapsed < 30
-    assert not (tmp_path / "artifacts").exists() and not list((tmp_path / "data" / "raw").glob("*.tgz"))
+    assert not list((tmp_path / "data" / "download").iterdir())  # no partial download left behind
+
+
+def test_a_url_in_data_source_says_to_use_data_url(tmp_path):
+    write_params(tmp_path, {"data": {"source": "https://example.org/photos/flowers.zip"}})
+    result, _ = graftline(["ingest"], tmp_path)
+    assert_one_line_error(result, "ingest", "data.source", "data.url", "data/download/flowers.zip")
 
 
 def test_unknown_param_key_is_named_before_any_work(tmp_path):
@@ -63,3 +69,54 @@ def test_missing_imagenet_weights_offline_names_file_folder_and_alternative(tmp_
                           str(keras_home / "models"), "base.weights")
     assert elapsed < 60  # TensorFlow's import is most of it
     assert not (tmp_path / "artifacts" / "bottlenecks").exists()
+
+
+def test_a_stage_prints_no_native_log_lines_unless_asked(tmp_path):
+    """TensorFlow's C++ lines (I/W/E with timestamps) and absl's preamble stay off the console."""
+    from pipeline import console
+
+    make_class_tree(tmp_path / "photos", {"cats": 6, "dogs": 6})
+    write_params(tmp_path, {"data": {"source": str(tmp_path / "photos"), "sha256": "",
+                                     "val_percent": 30, "test_percent": 30}})
+
+    def native_lines(stderr: str) -> list[str]:
+        return [line for line in stderr.replace("\r", "\n").splitlines() if console.is_native(line.encode())]
+
+    quiet, _ = graftline(["ingest"], tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    assert native_lines(quiet.stderr) == [] and "absl" not in quiet.stderr, quiet.stderr
+    assert "ingest: writing TFRecords" in quiet.stderr  # the progress bars still come through
+    assert quiet.stdout.startswith("graftline ingest: done")
+    verbose, _ = graftline(["ingest"], tmp_path, GRAFTLINE_VERBOSE="1")
+    assert verbose.returncode == 0 and native_lines(verbose.stderr), verbose.stderr  # what the filter hides
+
+
+def test_the_console_filter_passes_progress_bars_on_at_once(tmp_path):
+    import os
+    import threading
+
+    from pipeline import console
+
+    read_end, write_end = os.pipe()
+    out_read, out_write = os.pipe()
+    thread = threading.Thread(target=console._forward, args=(read_end, out_write))
+    thread.start()
+    os.write(write_end, b"\ringest: 10%|#")  # a bar redrawn without a newline...
+    import select
+
+    assert select.select([out_read], [], [], 5)[0], "a progress bar was held back"
+    first = os.read(out_read, 100)  # ...arrives while the writer still holds the line open
+    os.write(write_end, b"\ringest: 50%|###\n"
+             b"I0000 00:00:1796142435.055946   13805 port.cc:153] oneDNN custom operations are on.\n"
+             b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+             b"E0000 00:00:1796142438.267132   13805 cuda_platform.cc:52] failed call to cuInit\n"
+             b"Epoch 1/10\nE")
+    os.write(write_end, b"0000 00:00:1.2 1 a.cc:3] split across writes\nwarning: a real one\n")
+    os.close(write_end)
+    thread.join(5)
+    os.close(out_write)
+    rest = b""
+    while chunk := os.read(out_read, 1000):
+        rest += chunk
+    assert first == b"\ringest: 10%|#"
+    assert rest == b"\ringest: 50%|###\nEpoch 1/10\nwarning: a real one\n"

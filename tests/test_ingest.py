@@ -32,7 +32,7 @@ def run_ingest(p, work: Path) -> tuple[dict, dict]:
     """Run ingest with outputs under ``work``; returns (returned report, output paths)."""
     outputs = {"examples": work / "artifacts" / "examples", "labels": work / "artifacts" / "labels.json",
                "report": work / "reports" / "ingest.json"}
-    result = ingest.run(p, {"download_dir": work / "raw"}, outputs)
+    result = ingest.run(p, {"downloads": work / "download", "extract_dir": work / "raw"}, outputs)
     return result, outputs
 
 
@@ -217,15 +217,34 @@ def test_unreadable_files_are_skipped_with_reasons(messy_run):
 def test_exact_duplicates_are_kept_once(messy_run):
     _, result, outputs = messy_run
     # Files are read in sorted order, so the first copy met is the one kept.
-    assert sorted(result["duplicates"], key=lambda d: d["path"]) == [
-        {"path": "cats/zz_copy.jpg", "same_as": "cats/cats_003.jpg"},
-        {"path": "dogs/dogs_001.jpg", "same_as": "cats/zz_from_dogs.jpg"},
-    ]
+    assert result["duplicates"] == [{"path": "cats/zz_copy.jpg", "same_as": "cats/cats_003.jpg"}]
     found = [r for recs in read_examples(outputs["examples"]).values() for r in recs]
     keys, digests = [r.key for r in found], [r.sha256 for r in found]
     assert len(digests) == len(set(digests))
     assert "cats/zz_copy.jpg" not in keys and "cats/cats_003.jpg" in keys
-    assert "dogs/dogs_001.jpg" not in keys and "cats/zz_from_dogs.jpg" in keys
+
+
+def test_the_same_photo_under_two_classes_is_a_conflict_kept_out_of_every_split(messy_run):
+    tree, result, outputs = messy_run
+    digest = hashlib.sha256((tree / "dogs" / "dogs_001.jpg").read_bytes()).hexdigest()
+    assert result["label_conflicts"] == [{"sha256": digest, "paths": ["cats/zz_from_dogs.jpg", "dogs/dogs_001.jpg"],
+                                          "classes": ["cats", "dogs"], "kept": None}]
+    assert result["num_label_conflicts"] == 1
+    assert json.loads(outputs["report"].read_text())["label_conflicts"] == result["label_conflicts"]
+    found = [r for recs in read_examples(outputs["examples"]).values() for r in recs]
+    assert digest not in {r.sha256 for r in found}
+    assert not {"cats/zz_from_dogs.jpg", "dogs/dogs_001.jpg"} & {r.key for r in found}
+
+
+def test_label_conflicts_keep_first_keeps_the_first_paths_class(tmp_path):
+    tree = make_class_tree(tmp_path / "photos", {"cats": 8, "dogs": 8})
+    shutil.copy(tree / "dogs" / "dogs_002.jpg", tree / "cats" / "zz_from_dogs.jpg")
+    result, outputs = run_ingest(make_params(tree, label_conflicts="keep_first"), tmp_path / "work")
+    assert [(c["paths"], c["kept"]) for c in result["label_conflicts"]] == [
+        (["cats/zz_from_dogs.jpg", "dogs/dogs_002.jpg"], "cats/zz_from_dogs.jpg")]
+    found = {r.key: r.label_name for recs in read_examples(outputs["examples"]).values() for r in recs}
+    assert found["cats/zz_from_dogs.jpg"] == "cats" and "dogs/dogs_002.jpg" not in found
+    assert result["num_examples"] == 16 and result["duplicates"] == []
 
 
 def test_root_files_are_ignored_and_hidden_files_are_invisible(messy_run):
@@ -243,10 +262,10 @@ def test_root_files_are_ignored_and_hidden_files_are_invisible(messy_run):
 
 def test_messy_run_counts_only_good_photos(messy_run):
     _, result, outputs = messy_run
-    # 20 drawn + 1 nested, minus 2 duplicates' copies (skipped files were never counted).
-    assert result["num_examples"] == 20 + 1
-    assert sum(sum(c.values()) for c in result["classes"].values()) == 21
-    assert sum(len(r) for r in read_examples(outputs["examples"]).values()) == 21
+    # 20 drawn + 1 nested, minus the label conflict's photo (dogs_001); copies and skipped files never counted.
+    assert result["num_examples"] == 20
+    assert sum(sum(c.values()) for c in result["classes"].values()) == 20
+    assert sum(len(r) for r in read_examples(outputs["examples"]).values()) == 20
 
 
 # ---------------------------------------------------------------- failures
@@ -356,13 +375,49 @@ def test_archive_with_wrong_sha256_is_refused(tmp_path):
     assert "data.sha256" in str(info.value) and "0" * 64 in str(info.value)
 
 
+def test_data_url_is_downloaded_once_to_data_source_and_verified(tmp_path, monkeypatch):
+    """The URL path over loopback: data.url served by a real HTTP server, saved to data.source, sha256 checked."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from components import download
+
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    served = tmp_path / "served"
+    served.mkdir()
+    tree = make_class_tree(tmp_path / "drawn", {"cats": 6, "dogs": 6})
+    archive = make_tar(served / "photos.tgz", tree_members(tree, "photos/"))
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(served))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/photos.tgz"
+        source = tmp_path / "download" / "photos.tgz"
+        p = make_params(source, url=url, sha256=hashlib.sha256(archive.read_bytes()).hexdigest())
+        report = download.run(p, {}, {"folder": tmp_path / "download"})
+        assert report["downloaded"] == str(source) and source.read_bytes() == archive.read_bytes()
+        result, _ = run_ingest(p, tmp_path)
+        assert result["num_examples"] == 12 and result["num_classes"] == 2
+        archive.unlink()  # downloaded once: a second run needs no server copy
+        assert download.run(p, {}, {"folder": tmp_path / "download"})["downloaded"] == str(source)
+        bad = make_params(tmp_path / "download" / "other.tgz", url=url.replace("photos", "other"), sha256="")
+        with pytest.raises(GraftlineError, match="other.tgz"):
+            download.run(bad, {}, {"folder": tmp_path / "download"})
+    finally:
+        server.shutdown()
+    # A data.source of your own leaves nothing to download, whatever data.url says.
+    assert download.run(make_params(tree, url=url), {}, {"folder": tmp_path / "d2"})["downloaded"] is None
+
+
 def test_unreachable_url_source_fails_fast_and_says_how_to_use_a_folder(tmp_path, monkeypatch):
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("no_proxy", "*")
     started = time.time()
-    with pytest.raises(GraftlineError) as info:
-        run_ingest(make_params("http://127.0.0.1:9/photos.tgz"), tmp_path)
+    with pytest.raises(GraftlineError) as info:  # data.source in the run's download folder: fetched from data.url
+        run_ingest(make_params(tmp_path / "download" / "photos.tgz", url="http://127.0.0.1:9/photos.tgz"), tmp_path)
     elapsed = time.time() - started
     assert elapsed < 30
     message = str(info.value)

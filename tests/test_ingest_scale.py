@@ -20,7 +20,7 @@ from pipeline import params, runtime
 runtime.configure(0)
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
 p = params.from_dict({"data": {"source": str(src), "sha256": "", "workers": 1, "shard_size": 200}})
-report = ingest.run(p, {"download_dir": out / "raw"},
+report = ingest.run(p, {"downloads": out / "download", "extract_dir": out / "raw"},
                     {"examples": out / "examples", "labels": out / "labels.json", "report": out / "report.json"})
 print(json.dumps({"n": report["num_examples"], "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

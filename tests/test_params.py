@@ -117,7 +117,7 @@ def test_unknown_section_is_rejected():
         ({"fine_tune": {"learning_rate": 1.5}}, "fine_tune.learning_rate", "1.5"),
         ({"train_head": {"dropout": 1.0}}, "train_head.dropout", "1.0"),
         ({"train_head": {"early_stopping_patience": -1}}, "train_head.early_stopping_patience", "-1"),
-        ({"evaluate": {"batch_size": 0}}, "evaluate.batch_size", "0"),
+        ({"fine_tune": {"batch_size": 0}}, "fine_tune.batch_size", "0"),
         ({"bottleneck": {"batch_size": -4}}, "bottleneck.batch_size", "-4"),
         ({"bottleneck": {"beam_options": "--direct_num_workers=2"}}, "bottleneck.beam_options", "'--direct_num_workers=2'"),
         ({"bottleneck": {"runner": ""}}, "bottleneck.runner", "''"),

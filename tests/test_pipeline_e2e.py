@@ -171,9 +171,9 @@ def test_export_round_trip_keras_saved_model_tflite(project):
     loaded = tf.saved_model.load(str(model_dir / "saved_model"))  # keep it alive while serve runs
     served = loaded.serve(tf.constant([r.image for r in recs]))
     np.testing.assert_allclose(served["probabilities"].numpy(), keras_p, atol=1e-5)
-    float_p = export.tflite_predict((model_dir / "model.tflite").read_bytes(), [pixels])
+    float_p = export.tflite_predict((model_dir / "model.tflite").read_bytes(), pixels)
     np.testing.assert_allclose(float_p, keras_p, atol=1e-4)
-    quantized = export.tflite_predict((model_dir / "model_dynamic_range.tflite").read_bytes(), [pixels])
+    quantized = export.tflite_predict((model_dir / "model_dynamic_range.tflite").read_bytes(), pixels)
     assert np.mean(quantized.argmax(1) == keras_p.argmax(1)) >= 0.9
     assert (model_dir / "labels.txt").read_text().split() == CLASSES
     metrics = load(project.first / "metrics/fine_tune.json")

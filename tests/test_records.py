@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,22 @@ def test_splits_in_one_folder_do_not_mix(tmp_path):
     assert keys("train") == [r.key for r in train]
     assert keys("val") == [r.key for r in val]
     assert records.shard_paths(tmp_path, "test") == []
+
+
+def test_the_same_records_give_the_same_bytes_in_every_process(tmp_path):
+    """DVC compares ingest's shards by hash: written again from the same photos, they must be byte-equal
+    (a protobuf map serializes in an order that can change from one process to the next)."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from pathlib import Path; sys.path[:0] = sys.argv[2:]; "
+              "from components import records; from test_records import make_record; "
+              "records.write_shards((make_record(i) for i in range(12)), Path(sys.argv[1]), 'train', 12, 5)")
+    tests = str(Path(__file__).parent)
+    shards = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / run), str(Path(tests).parent), tests],
+                       check=True, capture_output=True)
+        shards.append({p.name: p.read_bytes() for p in sorted((tmp_path / run).iterdir())})
+    assert len(shards[0]) == 3 and shards[0] == shards[1]
