@@ -207,6 +207,26 @@ def build_feature_extractor(model: str, alpha: float, image_size: int, weights_p
     return keras.Model(inputs, features, name="feature_extractor")
 
 
+def cache_fingerprint(base, upsample: int, weights_path: str) -> str:
+    """Everything that determines what a base computes from a photo, hashed: the name of its cache folders
+    (features in the bottleneck stage, activations in fine-tune)."""
+    import hashlib
+    import json
+
+    from components import images
+    from components.fetch import sha256_of
+
+    spec = {
+        "model": base.model, "alpha": base.alpha, "image_size": base.image_size,
+        "weights_sha256": sha256_of(Path(weights_path)),
+        "feature_layer": base.feature_layer,
+        "upsample": upsample,
+        "preprocessing": preprocessing_of(base.model),
+        "decode": images.DECODE_VERSION,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def extractor_for_params(params, weights_path: str | None):
     """build_feature_extractor with the base and input-block params of a Params."""
     b, block = params.base, params.input_block

@@ -44,7 +44,6 @@ import os
 import socket
 import time
 import uuid
-import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -58,7 +57,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from components import base_models, features, images, records
 from components.atomic import atomic_dir, write_json
-from components.fetch import sha256_of
+from components.vector_cache import VectorCache, written
 from components.errors import GraftlineError
 
 # Beam 2.77 imports `resource` together with an optional torch-only module, so
@@ -175,44 +174,10 @@ class FeatureExtractorHandler(ModelHandler[ShardWork, PredictionResult, Any]):
         return "graftline_bottleneck"
 
 
-class FeatureCache:
-    """Per-image features under ``root/fingerprint/ab/<sha256>.f32`` (any Beam filesystem).
-
-    An entry is the float32 vector followed by its CRC32, written under a
-    temporary name and renamed into place; an entry of the wrong length or
-    checksum (a torn write, a bad disk) is reported as a miss and rewritten.
-    """
-
-    def __init__(self, root: str, fingerprint: str, width: int):
-        self.folder = FileSystems.join(root, fingerprint)
-        self.width = width
-
-    def path(self, sha256: str) -> str:
-        return FileSystems.join(self.folder, sha256[:2], sha256 + ".f32")
-
-    def get(self, sha256: str) -> tuple[np.ndarray | None, bool]:
-        """(vector or None, whether an entry existed but was unreadable)."""
-        path = self.path(sha256)
-        try:
-            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                data = handle.read()
-        except (OSError, BeamIOError):
-            return None, False
-        body, crc = data[:-4], data[-4:]
-        if len(body) != 4 * self.width or zlib.crc32(body).to_bytes(4, "little") != crc:
-            return None, True
-        return np.frombuffer(body, np.float32), False
-
-    def put(self, sha256: str, vector: np.ndarray) -> None:
-        body = np.asarray(vector, np.float32).tobytes()
-        with _written(self.path(sha256)) as handle:
-            handle.write(body + zlib.crc32(body).to_bytes(4, "little"))
-
-
 class ReadShard(beam.DoFn):
     """(split, shard URL, part name) -> [ShardWork]: the shard's rows, cached features and misses."""
 
-    def __init__(self, cache: FeatureCache | None):
+    def __init__(self, cache: VectorCache | None):
         self._cache = cache
 
     def process(self, unit):
@@ -236,7 +201,7 @@ class ReadShard(beam.DoFn):
 class WritePart(beam.DoFn):
     """A shard's features -> cache entries, its Parquet part and its receipt, each renamed into place."""
 
-    def __init__(self, cache: FeatureCache | None, folder: str, width: int):
+    def __init__(self, cache: VectorCache | None, folder: str, width: int):
         self._cache, self._folder, self._width = cache, folder, width
 
     def process(self, result: PredictionResult):
@@ -248,44 +213,13 @@ class WritePart(beam.DoFn):
                 self._cache.put(work.sha256s[index], vector)
         rows = [(work.keys[i], work.labels[i], work.split, vectors[i]) for i in range(len(work.keys))]
         path = FileSystems.join(self._folder, work.part)
-        with _written(path) as handle:
+        with written(path) as handle:
             features.write(features.table(rows, self._width), handle)
         receipt = {"part": work.part, "split": work.split, "rows": len(rows), "forward_passes": len(work.missing),
                    "cache_hits": len(work.cached), "cache_rejected": work.rejected, "worker": worker_name()}
-        with _written(path + RECEIPT_SUFFIX) as handle:
+        with written(path + RECEIPT_SUFFIX) as handle:
             handle.write(json.dumps(receipt).encode())
         yield receipt
-
-
-@contextlib.contextmanager
-def _written(final: str) -> Iterator:
-    """A file on any Beam filesystem, written under a temporary name and renamed into place.
-
-    A task that dies or runs twice (Dask reschedules a killed worker's tasks)
-    leaves either nothing or a whole file under the final name.
-    """
-    tmp = f"{final}.tmp-{uuid.uuid4().hex}"
-    try:
-        with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            yield handle
-        FileSystems.rename([tmp], [final])
-    except BaseException:
-        with contextlib.suppress(Exception):
-            FileSystems.delete([tmp])
-        raise
-
-
-def fingerprint(base, upsample: int, weights_path: str) -> str:
-    """Everything that determines an image's features, hashed: the cache folder's name."""
-    spec = {
-        "model": base.model, "alpha": base.alpha, "image_size": base.image_size,
-        "weights_sha256": sha256_of(Path(weights_path)),
-        "feature_layer": base.feature_layer,
-        "upsample": upsample,
-        "preprocessing": base_models.preprocessing_of(base.model),
-        "decode": images.DECODE_VERSION,
-    }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def beam_flags(p, units: int = 0, dask_address: str = "") -> list[str]:
@@ -370,7 +304,7 @@ def run(params, inputs: dict, outputs: dict) -> dict:
                               base.feature_layer, upsample).output_shape[-1])
 
     # Random weights differ with the seed: caching them would serve another run's features.
-    cache = (FeatureCache(absolute(p.cache_dir), fingerprint(base, upsample, weights_path), width)
+    cache = (VectorCache(absolute(p.cache_dir), base_models.cache_fingerprint(base, upsample, weights_path), (width,))
              if p.cache_dir and weights_path else None)
     dask = is_dask(p.runner)
     # Local workers share this machine's cores; a remote cluster's machines size their own pools.
@@ -392,7 +326,7 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         receipts = _collect_receipts(folder, units, p.runner, out)
         manifest = {"feature_width": width, "parts": [
             {k: r[k] for k in ("part", "split", "rows")} for r in receipts]}
-        with _written(FileSystems.join(folder, MANIFEST)) as handle:
+        with written(FileSystems.join(folder, MANIFEST)) as handle:
             handle.write(json.dumps(manifest, indent=2).encode())
 
     passes_by_worker: dict[str, int] = {}

@@ -92,18 +92,22 @@ def tflite_predict(content: bytes, images: np.ndarray) -> np.ndarray:
     return np.stack(out) if out else np.zeros((0, 0), np.float32)
 
 
-def export(model, labels: list[str], image_size: int, out_dir: Path, check_images: np.ndarray | None) -> dict:
-    """Write every form into ``out_dir``; returns TFLite sizes and top-1 agreement with Keras."""
+def export(model, labels: list[str], image_size: int, out_dir: Path, check_images: np.ndarray | None,
+           tflite_kinds=tuple(TFLITE_FILES)) -> dict:
+    """Write every form into ``out_dir`` (TFLite: the ``tflite_kinds`` asked for); returns TFLite sizes and
+    top-1 agreement with Keras."""
     out_dir = Path(out_dir)
     model.save(out_dir / MODEL_FILE)
     write_json(out_dir / LABELS_FILE, labels)
     (out_dir / LABELS_TXT).write_text("".join(f"{name}\n" for name in labels))
     saved_model(model, labels, image_size, out_dir / SAVED_MODEL_DIR)
 
-    checked = check_images is not None and len(check_images) > 0
+    checked = check_images is not None and len(check_images) > 0 and len(tflite_kinds) > 0
     keras_top1 = inference.probabilities(model, image_size, check_images).argmax(axis=1) if checked else None
     summary = {}
     for kind, name in TFLITE_FILES.items():
+        if kind not in tflite_kinds:
+            continue
         content = tflite(model, quantize=kind == "dynamic_range")
         (out_dir / name).write_bytes(content)
         entry = {"file": name, "bytes": len(content)}

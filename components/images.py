@@ -18,6 +18,10 @@ TORCH_STD_RGB = (0.229, 0.224, 0.225)
 MODES = ("tf", "torch", "caffe", "raw")
 # Part of the feature cache's fingerprint: bump it whenever decode_and_resize changes.
 DECODE_VERSION = "tf.io.decode_image+bilinear/1"
+# Views of a photo that fine-tuning caches (components/activations.py) and test-time augmentation
+# averages over: the photo as it is, and mirrored left to right. Bump VIEW_VERSION if view() changes.
+VIEWS = ("identity", "flip")
+VIEW_VERSION = "identity,flip/1"
 
 
 def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -39,6 +43,50 @@ def decode_batch(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
         image_bytes,
         fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.float32),
     )
+
+
+def view(images, name: str):
+    """A [batch, height, width, 3] tensor as one of VIEWS."""
+    if name == "identity":
+        return images
+    if name == "flip":
+        return keras.ops.flip(images, axis=-2)
+    raise ValueError(f"unknown view {name!r}; expected one of {VIEWS}")
+
+
+@keras.saving.register_keras_serializable(package="graftline")
+class WithMirrors(keras.layers.Layer):
+    """[batch, h, w, c] -> [2 * batch, h, w, c]: the photos, then each mirrored left to right."""
+
+    def call(self, images):
+        return keras.ops.concatenate([images, view(images, "flip")], axis=0)
+
+    def compute_output_shape(self, input_shape):
+        return (None if input_shape[0] is None else 2 * input_shape[0],) + tuple(input_shape[1:])
+
+
+@keras.saving.register_keras_serializable(package="graftline")
+class MeanOfHalves(keras.layers.Layer):
+    """[2 * batch, classes] -> [batch, classes]: the mean of each photo's and its mirror's probabilities."""
+
+    def call(self, probabilities):
+        first, second = keras.ops.split(probabilities, 2, axis=0)
+        return (first + second) / 2
+
+    def compute_output_shape(self, input_shape):
+        return (None if input_shape[0] is None else input_shape[0] // 2,) + tuple(input_shape[1:])
+
+
+def with_flip_averaged(classifier):
+    """Test-time augmentation: a model whose output is the mean of ``classifier`` on the photo and its mirror.
+
+    The photo and its mirror go through ``classifier`` as one batch of two, so one photo's
+    figures still do not depend on other photos (components/inference.py). Serving, TFLite and
+    evaluate all use this model, so every figure of the exported model includes it.
+    """
+    image = keras.Input(classifier.input_shape[1:], name="image")
+    both = classifier(WithMirrors(name="with_mirrors")(image))
+    return keras.Model(image, MeanOfHalves(name="flip_average", dtype="float32")(both), name="tta_flip")
 
 
 @keras.saving.register_keras_serializable(package="graftline")

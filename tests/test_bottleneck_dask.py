@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from components import bottleneck, features, records
+from components.vector_cache import VectorCache
 from conftest import BIN, FLOWERS, copy_repo, run
 from test_bottleneck import all_features as features_of
 
@@ -70,9 +71,10 @@ def dask_cluster(folder: Path, env: dict, n_workers: int = 2):
                 proc.terminate()
         for proc in procs:
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=5)  # a scheduler that lost a worker can wait on it for half a minute
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
         log.close()
 
 
@@ -209,7 +211,7 @@ def test_a_worker_killed_mid_run_leaves_no_partial_output(project, dask_project,
     entries = list(cache.rglob("*.f32"))
     assert entries and all(e.stat().st_size == 1280 * 4 + 4 for e in entries)
     fingerprint_folder = next(cache.iterdir())
-    reader = bottleneck.FeatureCache(str(cache), fingerprint_folder.name, 1280)
+    reader = VectorCache(str(cache), fingerprint_folder.name, (1280,))
     for entry in entries:
         vector, rejected = reader.get(entry.stem)
         assert vector is not None and not rejected

@@ -87,7 +87,7 @@ def shuffle_head(model_file: Path, seed: int = 0) -> None:
     import components.images  # noqa: F401  (registers the preprocessing layer)
 
     model = keras.saving.load_model(model_file)
-    dense = model.get_layer("head").get_layer("head_dense")
+    dense = model.get_layer("classifier").get_layer("head").get_layer("head_dense")  # inside the flip average
     rng = np.random.default_rng(seed)
     dense.set_weights([rng.permutation(w.ravel()).reshape(w.shape) for w in dense.get_weights()])
     model_file.unlink()  # a new file, never written through a link into DVC's cache

@@ -45,7 +45,8 @@ def test_queued_sweep_over_fine_tune_at(project, tmp_path):
     env, log = project.env, tmp_path / "queue.log"
     names = {f"ft-{at}" for at in SWEEP}
     for at in SWEEP:
-        run(["dvc", "exp", "run", "--queue", "-n", f"ft-{at}", "-S", f"fine_tune_at={at}", "-S", "fine_tune.epochs=1"],
+        run(["dvc", "exp", "run", "--queue", "-n", f"ft-{at}", "-S", f"fine_tune_at={at}", "-S", "fine_tune.epochs=1",
+             "-S", "export.tflite=[]"],  # TFLite is checked in test_pipeline_e2e; seconds saved per run
             root, env, log)
     assert len(re.findall(r"\bQueued\b", queue_status(root, env))) == 2
     run(["dvc", "queue", "start", "-j", "2"], root, env, log)

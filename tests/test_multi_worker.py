@@ -144,6 +144,7 @@ def small_project(project: Project, root: Path) -> None:
     params = yaml.safe_load((project.first / "params.yaml").read_text())
     params["base"].update(image_size=96, weights=str(WEIGHTS_224))  # the head takes pooled features: any size
     params["fine_tune"].update(epochs=1, batch_size=BATCH_PER_REPLICA, early_stopping_patience=0)
+    params["export"]["tflite"] = []  # TFLite is checked in test_pipeline_e2e
     params["train"]["strategy"] = "multi_worker"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     params_mod.load(root / "params.yaml")  # valid before two processes are spent on it
@@ -230,7 +231,10 @@ def test_two_workers_fine_tune_and_only_the_chief_writes(project: Project, tmp_p
         "batch_sizes": {"train": 2 * BATCH_PER_REPLICA, "val": 2 * BATCH_PER_REPLICA}}
 
     # Only the chief wrote outputs (one metrics file in all), and nobody left temporary files behind.
-    written = [sorted(files_under(root) - inputs) for root in roots]
+    # Each worker caches the activations it computed (bottleneck.cache_dir: a cache, not an output).
+    cached = [[p for p in files_under(root) - inputs if p.startswith("data/feature_cache/")] for root in roots]
+    assert all(cached) and all(p.endswith(".f16") for c in cached for p in c)
+    written = [sorted(files_under(root) - inputs - set(c)) for root, c in zip(roots, cached)]
     assert [p for p in written[0] if not p.startswith("artifacts/model/")] == CHIEF_OUTPUTS
     assert "artifacts/model/model.keras" in written[0]
     assert written[1] == [], "the non-chief wrote into its project folder"

@@ -20,7 +20,7 @@ def test_defaults_load_and_validate():
     assert p.seed == 42 and p.fine_tune_at == 100
     assert p.data.val_percent == 15.0 and p.data.test_percent == 15.0
     assert p.base.model == "mobilenet_v2" and p.base.image_size == 160 and p.base.weights == "imagenet"
-    assert p.train_head.optimizer == "adam" and p.fine_tune.optimizer == "rmsprop"
+    assert p.train_head.optimizer == "adam" and p.fine_tune.optimizer == "adam" and p.augment.tta == "flip"
     assert p.bottleneck.beam_options == ()
     # None (an empty YAML file) is the defaults too.
     assert params.from_dict(None) == Params()

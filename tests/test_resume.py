@@ -37,6 +37,7 @@ def test_killed_fine_tune_resumes_from_its_last_complete_epoch(tmp_path):
         "base": {"alpha": 0.35, "image_size": 96, "weights": "none"},
         "train_head": {"epochs": 3},
         "fine_tune": {"epochs": 4, "learning_rate": 0.0001, "batch_size": 8, "early_stopping_patience": 0},
+        "export": {"tflite": []},  # what is resumed is training; TFLite is checked in test_pipeline_e2e
     }))
     for stage in ("ingest", "bottleneck", "train-head"):
         graftline(stage, tmp_path)

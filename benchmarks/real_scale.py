@@ -1,0 +1,285 @@
+"""The default run at real scale, against TensorFlow's tutorial recipe, in one invocation.
+
+    .venv/bin/python benchmarks/real_scale.py --photos ../shared/data/flower_photos \
+        --weights ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5
+
+1. graftline as a user runs it: the photo folder is packed as the archive
+   TensorFlow publishes (``flower_photos/<class>/...``) and served over
+   loopback, so ``data.url`` is downloaded (progress bar, sha256) and extracted;
+   the ImageNet weights are found through ``$KERAS_HOME``; every other param is
+   at its default (or ``--set key=value``); then ``dvc repro`` in a fresh git
+   repo. Each stage's wall time and peak RSS (its process tree, sampled).
+2. The tutorial's recipe as its users run it, on the same train/val/test photos
+   (graftline's split): ``image_dataset_from_directory`` at 160 px, MobileNetV2
+   1.0 frozen with RandomFlip + RandomRotation(0.2) in the model, the head 10
+   epochs at RMSprop 1e-4, then layers >= 100 at RMSprop 1e-5 for 10 more, the
+   base run on the images every epoch; then its test accuracy.
+
+Prints the machine, a table per run, both test accuracies and the ratios.
+Run it alone: the two runs are timed on the same cores.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+STAGE_REPORTS = {"download": None, "ingest": "reports/ingest.json", "bottleneck": "reports/bottleneck.json",
+                 "train_head": "reports/train_head.json", "fine_tune": "reports/fine_tune.json",
+                 "evaluate": "reports/evaluate.json"}
+KERAS_NAMES = [f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{s}_no_top.h5" for s in (96, 128, 160, 192, 224)]
+
+
+class Sampler:
+    """Peak RSS of a process tree, sampled every 0.1 s, attributed to the current label."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root, self.label, self.peaks, self._stop = psutil.Process(pid), "", {}, False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop:
+            try:
+                procs = [self.root] + self.root.children(recursive=True)
+                rss = 0
+                for p in procs:
+                    try:
+                        rss += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                break
+            self.peaks[self.label] = max(self.peaks.get(self.label, 0), rss)
+            time.sleep(0.1)
+
+    def stop(self) -> dict:
+        self._stop = True
+        self.thread.join()
+        return self.peaks
+
+
+def pack(photos: Path, archive: Path) -> str:
+    """The folder as TensorFlow's archive lays it out (flower_photos/<class>/...); returns its sha256."""
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(photos, arcname="flower_photos")
+    return hashlib.sha256(archive.read_bytes()).hexdigest()
+
+
+def serve(folder: Path) -> ThreadingHTTPServer:
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a, **k: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def set_key(params: dict, dotted: str, value) -> None:
+    *path, last = dotted.split(".")
+    for key in path:
+        params = params.setdefault(key, {})
+    params[last] = value
+
+
+def run_graftline(work: Path, url: str, sha256: str, weights: Path, overrides: list[str]) -> dict:
+    import yaml
+
+    project, keras_home = work / "project", work / "keras"
+    (keras_home / "models").mkdir(parents=True)
+    for name in KERAS_NAMES:  # the 224 file works at every size (the network is fully convolutional)
+        os.symlink(weights.resolve(), keras_home / "models" / name)
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        if (REPO / rel).is_file():
+            (project / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, project / rel)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    set_key(params, "data.url", url)
+    set_key(params, "data.sha256", sha256)
+    for item in overrides:
+        key, value = item.split("=", 1)
+        set_key(params, key, yaml.safe_load(value))
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "KERAS_HOME": str(keras_home), "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@invalid",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@invalid"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
+        subprocess.run(cmd, cwd=project, env=env, check=True, capture_output=True)
+
+    started = time.time()
+    proc = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    sampler = Sampler(proc.pid)
+    marks, log = [], []
+    for line in proc.stdout:
+        log.append(line)
+        found = re.match(r"Running stage '(\w+)'", line)
+        if found:
+            marks.append((found.group(1), time.time()))
+            sampler.label = found.group(1)
+    proc.wait()
+    ended = time.time()
+    peaks = sampler.stop()
+    if proc.returncode:
+        sys.exit("dvc repro failed:\n" + "".join(log)[-4000:])
+    stages = []
+    for i, (stage, at) in enumerate(marks):
+        until = marks[i + 1][1] if i + 1 < len(marks) else ended
+        report = STAGE_REPORTS.get(stage)
+        inner = json.loads((project / report).read_text()).get("wall_time_s") if report else None
+        stages.append({"stage": stage, "wall_s": until - at, "in_stage_s": inner, "peak_rss_mb": peaks.get(stage, 0) / 2**20})
+    metrics = {name: json.loads((project / "metrics" / f"{name}.json").read_text())
+               for name in ("train_head", "fine_tune", "evaluate")}
+    ingest = json.loads((project / "reports" / "ingest.json").read_text())
+    return {"project": project, "wall_s": ended - started, "stages": stages, "metrics": metrics, "ingest": ingest,
+            "peak_rss_mb": max(peaks.values()) / 2**20, "keras_home": keras_home}
+
+
+def split_folders(project: Path, photos_root: Path, out: Path) -> dict[str, int]:
+    """graftline's split as the tutorial's folders: out/{train,val,test}/<class>/<photo> (symlinks)."""
+    from components import records
+
+    counts = {}
+    for split in records.SPLITS:
+        n = 0
+        for shard in records.shard_paths(project / "artifacts" / "examples", split):
+            for r in records.read_shard(str(shard)):
+                target = out / split / r.key
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(photos_root / r.key, target)
+                n += 1
+        counts[split] = n
+    return counts
+
+
+def tutorial(folders: Path, result: Path) -> None:
+    """Child process: the tutorial's recipe, five classes (softmax), on folders/{train,val,test}."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(42)
+    size, batch = (160, 160), 32
+    load = functools.partial(keras.utils.image_dataset_from_directory, batch_size=batch, image_size=size)
+    train = load(folders / "train", shuffle=True, seed=42).prefetch(tf.data.AUTOTUNE)
+    val = load(folders / "val", shuffle=False).prefetch(tf.data.AUTOTUNE)
+    test = load(folders / "test", shuffle=False).prefetch(tf.data.AUTOTUNE)
+    augmentation = keras.Sequential([keras.layers.RandomFlip("horizontal"), keras.layers.RandomRotation(0.2)])
+    base = keras.applications.MobileNetV2(input_shape=size + (3,), include_top=False, weights="imagenet")
+    base.trainable = False
+    inputs = keras.Input(size + (3,))
+    x = keras.applications.mobilenet_v2.preprocess_input(augmentation(inputs))
+    x = base(x, training=False)
+    x = keras.layers.Dropout(0.2)(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, keras.layers.Dense(5)(x))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    timings = {}
+    started = time.time()
+    model.compile(keras.optimizers.RMSprop(1e-4), loss, metrics=["accuracy"])
+    head = model.fit(train, validation_data=val, epochs=10, verbose=2)
+    timings["head_s"] = time.time() - started
+    base.trainable = True
+    for layer in base.layers[:100]:
+        layer.trainable = False
+    model.compile(keras.optimizers.RMSprop(1e-5), loss, metrics=["accuracy"])
+    started = time.time()
+    fine = model.fit(train, validation_data=val, epochs=20, initial_epoch=len(head.epoch), verbose=2)
+    timings["fine_tune_s"] = time.time() - started
+    _, accuracy = model.evaluate(test, verbose=0)
+    result.write_text(json.dumps({**timings, "val_accuracy": fine.history["val_accuracy"][-1],
+                                  "test_accuracy": accuracy}))
+
+
+def run_tutorial(work: Path, folders: Path, keras_home: Path) -> dict:
+    out = work / "tutorial.json"
+    env = {**os.environ, "KERAS_HOME": str(keras_home), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, __file__, "--tutorial-child", str(folders), str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sampler = Sampler(proc.pid)
+    _, err = proc.communicate()
+    wall = time.time() - started
+    peaks = sampler.stop()
+    if proc.returncode:
+        sys.exit("the tutorial recipe failed:\n" + err[-4000:])
+    return {**json.loads(out.read_text()), "wall_s": wall, "peak_rss_mb": max(peaks.values()) / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--photos", help="flower_photos folder (class folders)")
+    parser.add_argument("--weights", help="MobileNetV2 1.0 ImageNet weights file (no top)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="graftline params")
+    parser.add_argument("--skip-tutorial", action="store_true", help="graftline only")
+    parser.add_argument("--keep", help="leave the work folder here")
+    parser.add_argument("--tutorial-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.tutorial_child:
+        return tutorial(Path(args.tutorial_child[0]), Path(args.tutorial_child[1]))
+    if not (args.photos and args.weights):
+        parser.error("give --photos and --weights")
+
+    from machine import describe
+
+    print(f"machine: {describe()}", flush=True)
+    photos, weights = Path(args.photos).resolve(), Path(args.weights).resolve()
+    work = Path(args.keep or tempfile.mkdtemp(prefix="graftline-real-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    served = work / "served"
+    served.mkdir(exist_ok=True)
+    sha256 = pack(photos, served / "flower_photos.tgz")
+    server = serve(served)
+    try:
+        g = run_graftline(work, f"http://127.0.0.1:{server.server_address[1]}/flower_photos.tgz", sha256, weights,
+                          args.set)
+    finally:
+        server.shutdown()
+    print(f"\ndata: {photos} as flower_photos.tgz over loopback; graftline params: defaults"
+          + (f" with {', '.join(args.set)}" if args.set else ""))
+    print(f"photos: {g['ingest']['num_examples']} ({g['ingest']['splits']}), "
+          f"{g['ingest']['num_duplicates']} duplicates, {g['ingest']['num_label_conflicts']} label conflicts\n")
+    print("| graftline stage | wall s | in-stage s | peak RSS MB |")
+    print("|---|---:|---:|---:|")
+    for s in g["stages"]:
+        inner = f"{s['in_stage_s']:.1f}" if s["in_stage_s"] is not None else "-"
+        print(f"| {s['stage']} | {s['wall_s']:.1f} | {inner} | {s['peak_rss_mb']:.0f} |")
+    print(f"| `dvc repro` | {g['wall_s']:.1f} | | {g['peak_rss_mb']:.0f} |")
+    m = g["metrics"]
+    print(f"\ngraftline: head val {m['train_head']['val_accuracy']:.3f}, fine-tune val "
+          f"{m['fine_tune']['val_accuracy']:.3f}, **test {m['evaluate']['accuracy']:.3f}** "
+          f"({m['evaluate']['num_test']} photos)")
+    if args.skip_tutorial:
+        return
+    folders = work / "tutorial-split"
+    counts = split_folders(g["project"], photos, folders)  # keys are paths relative to the class folders
+    t = run_tutorial(work, folders, g["keras_home"])
+    print(f"\ntutorial recipe on the same split {counts}: wall {t['wall_s']:.1f} s (head {t['head_s']:.1f} s, "
+          f"fine-tune {t['fine_tune_s']:.1f} s), peak RSS {t['peak_rss_mb']:.0f} MB, val {t['val_accuracy']:.3f}, "
+          f"**test {t['test_accuracy']:.3f}**")
+    print(f"\nratios: graftline / tutorial wall time {g['wall_s'] / t['wall_s']:.2f}; "
+          f"test accuracy {m['evaluate']['accuracy'] - t['test_accuracy']:+.3f}; "
+          f"peak RSS {g['peak_rss_mb'] / t['peak_rss_mb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Fine-tuning from cached activations: the frozen part of the base runs once per photo and view.
+
+Base layers below ``fine_tune_at`` never change in fine-tuning, and BatchNorm
+runs in inference mode, so what they compute from a photo is fixed. The base
+is cut where exactly one tensor flows from the frozen layers into the rest (at
+or below ``fine_tune_at``; MobileNetV2 at 100: before ``block_11_expand``,
+index 98). ``front`` (image -> that tensor) runs once per photo and view, its
+outputs are cached per photo (components/vector_cache.py) as float16, and an
+epoch runs only ``top`` (that tensor -> pooled features, the layers from the
+cut up, sharing their weights with the base) and the head. Frozen layers
+between the cut and ``fine_tune_at`` stay frozen inside ``top``.
+
+Views are what augmentation can still be when the frozen part is cached: the
+photo as it is and mirrored (``images.view``), each a cached activation; an
+epoch shows every photo once, in one of its views picked at random.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+from components import base_models, images
+
+# Activations are stored and held in memory as float16: half the bytes, and the
+# first layers after the cut (a 1x1 convolution and BatchNorm) see no difference
+# beyond 1e-3 relative (tests/test_activations.py).
+STORED_DTYPE = np.float16
+
+
+def cut_index(base, fine_tune_at: int) -> int:
+    """The largest c <= fine_tune_at where exactly one tensor crosses from base layers < c to layers >= c."""
+    layers = base.layers
+    position = {id(layer): i for i, layer in enumerate(layers)}
+    last_use = {}  # producer layer index -> index of the last layer that reads its output
+    for i, layer in enumerate(layers):
+        for node in layer._inbound_nodes:
+            for tensor in node.input_tensors:
+                producer = position[id(tensor._keras_history.operation)]
+                last_use[producer] = max(last_use.get(producer, -1), i)
+    final = position[id(base.outputs[0]._keras_history.operation)]
+    last_use[final] = len(layers)
+    for c in range(min(max(fine_tune_at, 1), len(layers)), 0, -1):
+        crossing = [p for p, used in last_use.items() if p < c <= used]
+        if len(crossing) == 1:
+            return c
+    return 1  # the input layer's output: the preprocessed image itself
+
+
+def split(extractor, fine_tune_at: int):
+    """(front, top, cut): image [0, 255] -> activation at the cut; activation -> pooled features; the cut index.
+
+    ``top`` shares its layers with ``extractor``'s base, so training it trains the
+    model that is exported. The extractor's input block must have no noise (it
+    would make the frozen part random): fine-tune takes the image path then.
+    """
+    import keras
+
+    base = base_models.base_of(extractor)
+    cut = cut_index(base, fine_tune_at)
+    tensor = base.layers[cut - 1].output
+    inner_front = keras.Model(base.inputs, tensor, name="frozen_front")
+    image = keras.Input(extractor.input_shape[1:], name="image")
+    x = image
+    for layer in extractor.layers[1:]:
+        if layer is base:
+            break
+        x = layer(x)
+    front = keras.Model(image, inner_front(x), name="front")
+    top = keras.Model(tensor, base.outputs[0], name="top")
+    return front, top, cut
+
+
+def fingerprint(base_fingerprint: str, cut_layer: str, view: str) -> str:
+    """The cache folder of one cut and view, under the base's feature fingerprint."""
+    spec = {"base": base_fingerprint, "cut": cut_layer, "view": view, "view_version": images.VIEW_VERSION,
+            "dtype": np.dtype(STORED_DTYPE).name}
+    return "activations-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def views_for(augment) -> tuple[str, ...]:
+    """The views fine-tuning caches per training photo: the photo, and its mirror when augment.flip is on."""
+    return images.VIEWS if augment.flip else images.VIEWS[:1]
+
+
+def compute(front, examples_dir, split: str, views, image_size: int, caches: dict, batch_size: int):
+    """(activations [n, views, *shape] float16, labels [n] int64) of one split, cached per photo and view.
+
+    ``caches``: view -> VectorCache, or None to keep nothing on disk. Photos whose
+    activations are cached are read; the others run through ``front`` in batches of
+    ``batch_size`` per view (so recomputed values depend on the batch in their last
+    bits; see features.RECOMPUTED_ATOL).
+    """
+    import hashlib
+
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from components import records
+
+    shape = tuple(int(d) for d in front.output_shape[1:])
+    functions = {}
+    for name in views:
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def run(image_bytes, name=name):
+            return front(images.view(images.decode_batch(image_bytes, image_size), name), training=False)
+        functions[name] = run
+
+    rows, labels, pending = [], [], {name: [] for name in views}
+    computed = 0
+
+    def flush(name):
+        nonlocal computed
+        if not pending[name]:
+            return
+        out = functions[name](tf.constant([data for _, _, data in pending[name]])).numpy().astype(STORED_DTYPE)
+        for (row, sha, _), array in zip(pending[name], out):
+            rows[row][views.index(name)] = array
+            if caches.get(name) is not None:
+                caches[name].put(sha, array)
+        computed += len(pending[name])
+        bar.update(len(pending[name]))
+        pending[name] = []
+
+    with tqdm(desc=f"fine-tune: {split} activations ({' + '.join(views)})", unit="view") as bar:
+        for example in records.dataset(examples_dir, split):
+            data = example[records.IMAGE].numpy()
+            sha = hashlib.sha256(data).hexdigest()
+            row = len(rows)
+            rows.append(np.empty((len(views),) + shape, STORED_DTYPE))
+            labels.append(int(example[records.LABEL]))
+            for name in views:
+                cached, _ = caches[name].get(sha) if caches.get(name) is not None else (None, False)
+                if cached is None:
+                    pending[name].append((row, sha, data))
+                    if len(pending[name]) == batch_size:
+                        flush(name)
+                else:
+                    rows[row][views.index(name)] = cached
+                    bar.update()
+        for name in views:
+            flush(name)
+    acts = np.stack(rows) if rows else np.zeros((0, len(views)) + shape, STORED_DTYPE)
+    return acts, np.asarray(labels, np.int64), computed
+
+
+def batches(acts: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int, seed: int, mixup: float,
+            first_epoch: int = 0):
+    """Keras batches of cached activations: each epoch every photo once, in one of its views picked at
+    random, shuffled; with ``mixup`` > 0 each photo is mixed with another one (activations and one-hot
+    labels, weight ~ Beta(mixup, mixup), the larger share to the photo itself), mixup in feature space.
+
+    Every epoch's order, views and mixing come from (seed, epoch), so a resumed run sees the same epochs.
+    """
+    import keras
+
+    class ActivationBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.epoch = first_epoch
+            self._plan()
+
+        def _plan(self):
+            rng = np.random.default_rng([seed, self.epoch])
+            n = len(labels)
+            self.order, self.views = rng.permutation(n), rng.integers(0, acts.shape[1], n)
+            self.partner, self.share = rng.permutation(n), np.ones(n, np.float32)
+            if mixup:
+                share = rng.beta(mixup, mixup, n).astype(np.float32)
+                self.share = np.maximum(share, 1 - share)
+
+        def __len__(self):
+            return -(-len(labels) // batch_size)
+
+        def __getitem__(self, index):
+            rows = self.order[index * batch_size:(index + 1) * batch_size]
+            x = acts[rows, self.views[rows]].astype(np.float32)
+            y = np.eye(num_classes, dtype=np.float32)[labels[rows]]
+            if mixup:
+                other, share = self.partner[rows], self.share[rows]
+                x = share.reshape((-1,) + (1,) * (x.ndim - 1)) * x + (1 - share.reshape(
+                    (-1,) + (1,) * (x.ndim - 1))) * acts[other, self.views[other]].astype(np.float32)
+                y = share[:, None] * y + (1 - share[:, None]) * np.eye(num_classes, dtype=np.float32)[labels[other]]
+            return x, y
+
+        def on_epoch_end(self):
+            self.epoch += 1
+            self._plan()
+
+    return ActivationBatches()
+
+
+def copy_weights(source, target) -> int:
+    """Set every layer of ``target`` that has weights to the same-named layer's of ``source``; returns how many.
+
+    A resumed fine-tune trains the top model it loaded from a checkpoint, not the one
+    sharing layers with the exported classifier: this carries its weights over.
+    """
+    found = {layer.name: layer for layer in base_models.all_layers(source) if layer.weights}
+    copied = 0
+    for layer in base_models.all_layers(target):
+        if layer.weights and layer.name in found and not hasattr(layer, "layers"):
+            layer.set_weights(found[layer.name].get_weights())
+            copied += 1
+    return copied

@@ -1,0 +1,170 @@
+"""Fine-tuning from cached activations (components/activations.py) and test-time flip averaging.
+
+On a small MobileNetV2 (alpha 0.35 at 96 px, the shared ImageNet weights: a
+random one outputs features near 0) and drawn photos: where the base is cut, that front + top is the base, that a loss from
+cached activations is the loss from the images, the per-photo cache, the
+epochs' views and mixup, and the TTA model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components import activations, base_models, images, ingest, records
+from conftest import SHARED, require_shared
+from drawing import make_class_tree
+from pipeline import params as params_mod
+from pipeline import runtime
+
+SIZE = 96
+WEIGHTS_035 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(params, weights file, examples folder) for 3 classes of drawn photos."""
+    require_shared()
+    runtime.configure(0)
+    work = tmp_path_factory.mktemp("activations")
+    weights = WEIGHTS_035
+    tree = make_class_tree(work / "photos", {"cats": 8, "dogs": 8, "owls": 8}, size=(80, 64))
+    p = params_mod.from_dict({
+        "data": {"source": str(tree), "sha256": "", "val_percent": 25, "test_percent": 25},
+        "base": {"alpha": 0.35, "image_size": SIZE, "weights": str(weights)},
+        "bottleneck": {"cache_dir": str(work / "cache")},
+    })
+    ingest.run(p, {"downloads": work / "download", "extract_dir": work / "raw"},
+               {"examples": work / "examples", "labels": work / "labels.json", "report": work / "ingest.json"})
+    return p, str(weights), work / "examples"
+
+
+def extractor(p, weights):
+    return base_models.extractor_for_params(p, weights)
+
+
+@pytest.mark.parametrize("fine_tune_at, cut", [(100, 98), (98, 98), (125, 125), (134, 134), (1, 1)])
+def test_the_cut_is_the_last_single_tensor_at_or_below_fine_tune_at(setup, fine_tune_at, cut):
+    p, weights, _ = setup
+    base = base_models.base_of(extractor(p, weights))
+    assert activations.cut_index(base, fine_tune_at) == cut
+    # block_11 (98..106) adds its input back: inside it two tensors cross, so 99..106 are never cuts.
+    for inside in range(99, 107):
+        assert activations.cut_index(base, inside) == 98
+
+
+def test_front_then_top_is_the_extractor(setup):
+    p, weights, examples = setup
+    model = extractor(p, weights)
+    front, top, cut = activations.split(model, 100)
+    assert cut == 98 and front.output_shape[1:] == (6, 6, 32)
+    batch = next(iter(records.dataset(examples, "train").batch(6)))[records.IMAGE]
+    pixels = images.decode_batch(batch, SIZE)
+    np.testing.assert_allclose(top(front(pixels)).numpy(), model(pixels).numpy(), atol=1e-5)
+    # top shares the base's layers: what fine-tuning changes is what gets exported
+    base = base_models.base_of(model)
+    assert all(layer is base.get_layer(layer.name) for layer in top.layers[1:])
+
+
+def test_the_first_batch_loss_from_cached_activations_is_the_loss_from_the_images(setup):
+    """Fine-tuning from activations (stored as float16) and from images, augmentation off: one loss."""
+    import keras
+
+    from components import fine_tune
+
+    p, weights, examples = setup
+    runtime.configure(p.seed)
+    head = keras.Sequential([keras.Input((1280,)), keras.layers.Dense(3, activation="softmax", name="head_dense")],
+                            name="head")
+    classifier, _ = fine_tune.build_classifier(p, head)
+    front, top, _ = activations.split(classifier.get_layer("feature_extractor"), p.fine_tune_at)
+    acts, labels, computed = activations.compute(front, examples, "train", ("identity",), SIZE, {}, 8)
+    assert computed == len(labels) == acts.shape[0] > 0
+    pixels = np.concatenate([x.numpy() for x, _ in fine_tune.image_dataset(examples, "train", SIZE, 64)])
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    from_images = float(loss(labels, classifier(pixels, training=False)))
+    from_cached = float(loss(labels, head(top(acts[:, 0].astype(np.float32), training=False))))
+    assert from_images == pytest.approx(from_cached, abs=ACTIVATION_LOSS_ATOL)
+    assert from_images != pytest.approx(float(loss(labels[::-1], classifier(pixels))), abs=0.01)
+
+
+# float16 storage of the activations: the loss over a batch moves by less than this (measured 7e-5).
+ACTIVATION_LOSS_ATOL = 1e-3
+
+
+def test_activations_are_cached_per_photo_and_view(setup, tmp_path):
+    from components.vector_cache import VectorCache
+
+    p, weights, examples = setup
+    front, _, _ = activations.split(extractor(p, weights), 100)
+    shape = front.output_shape[1:]
+    caches = {v: VectorCache(str(tmp_path), f"acts-{v}", shape, activations.STORED_DTYPE, "f16") for v in images.VIEWS}
+    first, labels, computed = activations.compute(front, examples, "train", images.VIEWS, SIZE, caches, 5)
+    assert computed == 2 * len(labels) and first.dtype == np.float16 and first.shape[1] == 2
+    assert not np.array_equal(first[:, 0], first[:, 1])  # the mirror is another view
+    again, labels_again, computed_again = activations.compute(front, examples, "train", images.VIEWS, SIZE, caches, 5)
+    assert computed_again == 0 and np.array_equal(again, first) and np.array_equal(labels_again, labels)
+    torn = sorted((tmp_path / "acts-flip").rglob("*.f16"))[0]
+    torn.write_bytes(torn.read_bytes()[:100])
+    _, _, recomputed = activations.compute(front, examples, "train", images.VIEWS, SIZE, caches, 5)
+    assert recomputed == 1
+
+
+def test_each_epoch_shows_every_photo_once_in_a_seeded_view():
+    acts = np.arange(10 * 2 * 3, dtype=np.float16).reshape(10, 2, 3)  # photo i, view v -> distinct values
+    labels = np.arange(10) % 3
+    plain = activations.batches(acts, labels, 3, 4, seed=7, mixup=0.0)
+    assert len(plain) == 3
+    seen = np.concatenate([plain[i][0] for i in range(len(plain))])
+    photos = (seen[:, 0] // 6).astype(int)
+    assert sorted(photos) == list(range(10))  # every photo once
+    views = ((seen[:, 0] % 6) // 3).astype(int)
+    assert 0 < views.sum() < 10  # some photos mirrored, some not
+    labels_seen = np.concatenate([plain[i][1] for i in range(len(plain))])
+    np.testing.assert_array_equal(labels_seen.argmax(1), labels[photos])
+    again = activations.batches(acts, labels, 3, 4, seed=7, mixup=0.0)
+    np.testing.assert_array_equal(again[0][0], plain[0][0])  # same seed, same epoch: same batches
+    plain.on_epoch_end()
+    assert not np.array_equal(plain[0][0], again[0][0])  # the next epoch is another draw
+    resumed = activations.batches(acts, labels, 3, 4, seed=7, mixup=0.0, first_epoch=1)
+    np.testing.assert_array_equal(resumed[0][0], plain[0][0])  # a resumed run sees the same epoch 2
+
+
+def test_mixup_mixes_activations_and_labels_with_the_larger_share_to_the_photo():
+    acts = np.eye(6, dtype=np.float16).reshape(6, 1, 6)  # photo i = unit vector i
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    x, y = activations.batches(acts, labels, 3, 6, seed=3, mixup=0.4)[0]
+    np.testing.assert_allclose(y.sum(1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(x.sum(1), 1.0, atol=1e-3)  # a convex mix of two photos
+    top = x.max(1)
+    assert (top >= 0.5 - 1e-3).all() and (top < 1).any()
+
+
+def test_copy_weights_carries_a_resumed_models_weights_over():
+    import keras
+
+    def model(seed):
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="a"), keras.layers.Dense(2, name="b")])
+
+    source, target = model(1), model(2)
+    assert activations.copy_weights(source, target) == 2
+    for s, t in zip(source.get_weights(), target.get_weights()):
+        np.testing.assert_array_equal(s, t)
+
+
+def test_flip_averaging_is_the_mean_over_the_photo_and_its_mirror(setup):
+    import keras
+
+    p, weights, examples = setup
+    model = keras.Sequential([extractor(p, weights), keras.layers.Dense(3, activation="softmax")])
+    tta = images.with_flip_averaged(model)
+    batch = next(iter(records.dataset(examples, "test").batch(4)))[records.IMAGE]
+    pixels = images.decode_batch(batch, SIZE).numpy()
+    expected = (model(pixels).numpy() + model(pixels[:, :, ::-1]).numpy()) / 2
+    np.testing.assert_allclose(tta(pixels).numpy(), expected, atol=1e-6)
+    assert not np.allclose(model(pixels).numpy(), expected, atol=1e-4)  # the mirror changes the answer
+    path = Path(str(examples)).parent / "tta.keras"
+    tta.save(path)
+    np.testing.assert_allclose(keras.saving.load_model(path)(pixels).numpy(), tta(pixels).numpy(), atol=1e-6)
