@@ -7,6 +7,7 @@ of the photo file.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,22 +67,56 @@ def read_shard(shard_url: str):
             yield from_example(serialized)
 
 
+@functools.cache
+def _example_class():
+    """tf.train.Example's message type (tensorflow/core/example/{example,feature}.proto), built with the
+    protobuf library alone: writing and reading records needs no TensorFlow import (seconds per process)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    f = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="graftline/example.proto", package="graftline.tf", syntax="proto3")
+
+    def message(name, *fields, nested=(), map_entry=False):
+        m = proto.message_type.add(name=name) if not nested else nested
+        m.name = name
+        for number, (field, kind, label, type_name) in enumerate(fields, 1):
+            m.field.add(name=field, number=number, type=kind, label=label, type_name=type_name or None)
+        if map_entry:
+            m.options.map_entry = True
+        return m
+
+    repeated, optional = f.LABEL_REPEATED, f.LABEL_OPTIONAL
+    message("BytesList", ("value", f.TYPE_BYTES, repeated, ""))
+    message("FloatList", ("value", f.TYPE_FLOAT, repeated, ""))
+    message("Int64List", ("value", f.TYPE_INT64, repeated, ""))
+    feature = message("Feature", ("bytes_list", f.TYPE_MESSAGE, optional, ".graftline.tf.BytesList"),
+                      ("float_list", f.TYPE_MESSAGE, optional, ".graftline.tf.FloatList"),
+                      ("int64_list", f.TYPE_MESSAGE, optional, ".graftline.tf.Int64List"))
+    feature.oneof_decl.add(name="kind")
+    for field in feature.field:
+        field.oneof_index = 0
+    features = message("Features", ("feature", f.TYPE_MESSAGE, repeated, ".graftline.tf.Features.FeatureEntry"))
+    message("FeatureEntry", ("key", f.TYPE_STRING, optional, ""),
+            ("value", f.TYPE_MESSAGE, optional, ".graftline.tf.Feature"), nested=features.nested_type.add(),
+            map_entry=True)
+    message("Example", ("features", f.TYPE_MESSAGE, optional, ".graftline.tf.Features"))
+    pool = descriptor_pool.DescriptorPool()  # its own pool: TensorFlow's tensorflow.Example may be loaded too
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("graftline.tf.Example"))
+
+
 def to_example(record: Record) -> bytes:
-    import tensorflow as tf
-
-    def _bytes(value: bytes):
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-    features = {
-        IMAGE: _bytes(record.image),
-        LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[record.label])),
-        LABEL_NAME: _bytes(record.label_name.encode()),
-        KEY: _bytes(record.key.encode()),
-        SHA256: _bytes(record.sha256.encode()),
-    }
+    """A serialized tf.train.Example: what TensorFlow's parse_single_example and TFRecordDataset read."""
+    example = _example_class()()
+    feature = example.features.feature
+    feature[IMAGE].bytes_list.value.append(record.image)
+    feature[LABEL].int64_list.value.append(record.label)
+    feature[LABEL_NAME].bytes_list.value.append(record.label_name.encode())
+    feature[KEY].bytes_list.value.append(record.key.encode())
+    feature[SHA256].bytes_list.value.append(record.sha256.encode())
     # deterministic: a proto map (the features) is otherwise serialized in an order that changes run to run,
     # and DVC would see new examples, and re-run every later stage, each time ingest runs.
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
+    return example.SerializeToString(deterministic=True)
 
 
 def _feature_spec():
@@ -104,10 +139,8 @@ def parse(serialized):
 
 
 def from_example(serialized: bytes) -> Record:
-    """A serialized Example (Python bytes) -> Record, without building a TF graph."""
-    import tensorflow as tf
-
-    feature = tf.train.Example.FromString(serialized).features.feature
+    """A serialized Example (Python bytes) -> Record, without TensorFlow."""
+    feature = _example_class().FromString(serialized).features.feature
     return Record(
         key=feature[KEY].bytes_list.value[0].decode(),
         label=int(feature[LABEL].int64_list.value[0]),
@@ -126,15 +159,17 @@ def dataset(examples_dir: Path, split: str):
 
 
 def write_shards(records, out_dir: Path, split: str, count: int, shard_size: int) -> list[Path]:
-    """Write ``count`` records of one split as ceil(count / shard_size) shards."""
-    import tensorflow as tf
+    """Write ``count`` records of one split as ceil(count / shard_size) gzip TFRecord shards (no TensorFlow:
+    Beam's TFRecord framing with its CRC32C checksums, gzip with no timestamp, so the bytes repeat)."""
+    import gzip
+
+    from apache_beam.io.tfrecordio import _TFRecordUtil
 
     n_shards = max(1, -(-count // shard_size))
-    options = tf.io.TFRecordOptions(compression_type=COMPRESSION)
     paths = [Path(out_dir) / shard_name(split, i, n_shards) for i in range(n_shards)]
     iterator = iter(records)
     for i, path in enumerate(paths):
-        with tf.io.TFRecordWriter(str(path), options) as writer:
+        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as handle:
             for _ in range(shard_size if i < n_shards - 1 else count - shard_size * (n_shards - 1)):
-                writer.write(to_example(next(iterator)))
+                _TFRecordUtil.write_record(handle, to_example(next(iterator)))
     return paths

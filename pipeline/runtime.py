@@ -52,11 +52,11 @@ def configure_devices(stage: str, params, own_process: bool = True) -> None:
     evaluate also hide any GPU; TFX's LocalDagRunner runs every stage in one
     process, where that would hide the GPUs from training too.
     """
-    import keras
-
     if stage in TRAINING_STAGES:
         configure_training(params.train)
         return
+    import keras
+
     keras.mixed_precision.set_global_policy("float32")
     if own_process and stage in CPU_ONLY_STAGES:
         cpu_only()
@@ -77,14 +77,13 @@ def configure_training(train) -> None:
     gRPC server and joins the cluster); the stage gets the same one back from
     components.devices.strategy.
     """
-    import keras
-    import tensorflow as tf
-
     from components import devices
     from components.errors import GraftlineError
 
-    # A missing or bad TF_CONFIG fails here, before any work.
+    # A missing or bad TF_CONFIG fails here, before any work (and before TensorFlow's import).
     cluster = devices.tf_config(os.environ.get("TF_CONFIG")) if train.strategy == "multi_worker" else None
+    import keras
+    import tensorflow as tf
     gpus = tf.config.list_physical_devices("GPU")
     device = devices.choose_device(train.device, len(gpus))
     try:

@@ -75,20 +75,34 @@ def test_a_stage_prints_no_native_log_lines_unless_asked(tmp_path):
     """TensorFlow's C++ lines (I/W/E with timestamps) and absl's preamble stay off the console."""
     from pipeline import console
 
-    make_class_tree(tmp_path / "photos", {"cats": 6, "dogs": 6})
-    write_params(tmp_path, {"data": {"source": str(tmp_path / "photos"), "sha256": "",
-                                     "val_percent": 30, "test_percent": 30}})
+    write_params(tmp_path, {})
 
     def native_lines(stderr: str) -> list[str]:
         return [line for line in stderr.replace("\r", "\n").splitlines() if console.is_native(line.encode())]
 
-    quiet, _ = graftline(["ingest"], tmp_path)
+    # `graftline devices` imports TensorFlow and sets it up as train-head and fine-tune do.
+    quiet, _ = graftline(["devices"], tmp_path)
     assert quiet.returncode == 0, quiet.stderr
     assert native_lines(quiet.stderr) == [] and "absl" not in quiet.stderr, quiet.stderr
-    assert "ingest: writing TFRecords" in quiet.stderr  # the progress bars still come through
-    assert quiet.stdout.startswith("graftline ingest: done")
-    verbose, _ = graftline(["ingest"], tmp_path, GRAFTLINE_VERBOSE="1")
+    assert quiet.stdout.startswith("graftline devices: done")
+    verbose, _ = graftline(["devices"], tmp_path, GRAFTLINE_VERBOSE="1")
     assert verbose.returncode == 0 and native_lines(verbose.stderr), verbose.stderr  # what the filter hides
+
+
+def test_ingest_runs_without_tensorflow(tmp_path):
+    """Ingest writes the TFRecords with the protobuf library and Beam's framing: no TensorFlow import."""
+    make_class_tree(tmp_path / "photos", {"cats": 6, "dogs": 6})
+    write_params(tmp_path, {"data": {"source": str(tmp_path / "photos"), "sha256": "",
+                                     "val_percent": 30, "test_percent": 30}})
+    probe = ("import sys; sys.argv = ['graftline', 'ingest']; "
+             "from pipeline.cli import main; code = main(); "
+             "print('tensorflow' in sys.modules); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False"
+    assert "ingest: writing TFRecords" in result.stderr  # the progress bars come through
+    assert (tmp_path / "artifacts" / "examples").is_dir()
 
 
 def test_the_console_filter_passes_progress_bars_on_at_once(tmp_path):

@@ -29,7 +29,7 @@ def graftline(stage: str, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def test_killed_fine_tune_resumes_from_its_last_complete_epoch(tmp_path):
+def test_killed_fine_tune_resumes_from_its_last_complete_epoch(tmp_path, monkeypatch):
     make_class_tree(tmp_path / "photos", {"cats": 40, "dogs": 40, "owls": 40}, size=(96, 96))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
         "fine_tune_at": 0,
@@ -39,8 +39,11 @@ def test_killed_fine_tune_resumes_from_its_last_complete_epoch(tmp_path):
         "fine_tune": {"epochs": 4, "learning_rate": 0.0001, "batch_size": 8, "early_stopping_patience": 0},
         "export": {"tflite": []},  # what is resumed is training; TFLite is checked in test_pipeline_e2e
     }))
+    from pipeline.cli import run_stage
+
+    monkeypatch.chdir(tmp_path)  # the stages before it in this process: only fine-tune's processes matter here
     for stage in ("ingest", "bottleneck", "train-head"):
-        graftline(stage, tmp_path)
+        run_stage(stage, "params.yaml")
 
     checkpoints = tmp_path / "data/checkpoints/fine_tune"
     run = subprocess.Popen(["graftline", "fine-tune"], cwd=tmp_path, env=env(),
