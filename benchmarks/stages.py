@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from machine import describe  # noqa: E402
 STAGES = (
     ("ingest", "reports/ingest.json", lambda r: f"{r['num_examples']} photos, splits {r['splits']}"),
     ("bottleneck", "reports/bottleneck.json", lambda r: f"{r['forward_passes']} forward passes"),
@@ -34,13 +35,6 @@ STAGES = (
 )
 REPORTS = {"train-head": "reports/train_head.json", "fine-tune": "reports/fine_tune.json",
            "evaluate": "reports/evaluate.json"}
-
-
-def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
-    mem = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
-    return f"{os.cpu_count()} cores ({cpu}), {mem / 2**20:.0f} GiB RAM, {platform.system()} {platform.release()}"
 
 
 def set_key(params: dict, dotted: str, value) -> None:
@@ -78,7 +72,7 @@ def main() -> None:
             data = json.loads((Path(work) / output).read_text())
             report = json.loads((Path(work) / REPORTS.get(stage, output)).read_text())
             rows.append((stage, wall, report["wall_time_s"], headline(data)))
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     print(f"data: {args.source}; params: defaults" + (f" with {', '.join(args.set)}" if args.set else ""))
     print()
     print("| stage | process wall time (s) | in-stage time (s) | result |")

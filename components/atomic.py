@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import json
 import os
 import shutil
@@ -19,12 +20,44 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_leftovers(final: Path) -> list[Path]:
+    """What killed runs left beside ``final`` (``.<name>.tmp-<pid>-*``, their process gone); removed.
+
+    SIGKILL (an OOM kill, a pre-empted machine, a cancelled CI job's last resort) gives a run no
+    chance to clean up, so the next run writing ``final`` does. A temporary of a live process (another
+    run writing the same output right now) is left alone.
+    """
+    removed = []
+    for path in Path(final).parent.glob(glob.escape(f".{Path(final).name}.tmp-") + "*"):
+        pid = path.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or _alive(int(pid))):
+            continue
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _prefix(final: Path) -> str:
+    return f".{final.name}.tmp-{os.getpid()}-"
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces ``final``."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_leftovers(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(final), dir=final.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private; outputs are ordinary folders
     try:
         yield tmp
@@ -41,7 +74,8 @@ def atomic_file(final: Path, mode: str = "w") -> Iterator:
     """Open a temporary file beside ``final``; on success it replaces ``final``."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    remove_leftovers(final)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(final), dir=final.parent)
     os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as handle:

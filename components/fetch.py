@@ -35,6 +35,24 @@ def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
+def _what_happened(exc: BaseException, url: str) -> str:
+    """Why a connection failed, in words: no network, no such host, refused, timed out."""
+    import errno
+    import urllib.parse
+
+    reason = getattr(exc, "reason", exc)
+    host = urllib.parse.urlsplit(url).hostname
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve {host} (no network, or no such host)"
+    if isinstance(reason, ConnectionRefusedError):
+        return f"the connection was refused ({host} or a proxy on the way is not serving)"
+    if isinstance(reason, TimeoutError):
+        return f"timed out after {CONNECT_TIMEOUT_S} s"
+    if getattr(reason, "errno", None) in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return "no network: this machine seems to be offline"
+    return str(reason)
+
+
 def fetch(url: str, dest: Path, sha256: str = "", what: str = "file", offline_hint: str = "") -> Path:
     """Return ``dest``, downloading ``url`` there first unless a verified copy exists."""
     dest = Path(dest)
@@ -44,12 +62,11 @@ def fetch(url: str, dest: Path, sha256: str = "", what: str = "file", offline_hi
         dest.unlink()  # stale or corrupt copy: fetch again
     try:
         response = urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT_S)
-    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise GraftlineError(
-            f"cannot download {what} from {url} ({reason}): this machine seems to be offline. "
-            + offline_hint
-        ) from None
+    except urllib.error.HTTPError as exc:
+        happened = "not found (HTTP 404)" if exc.code == 404 else f"the server answered HTTP {exc.code} ({exc.reason})"
+        raise GraftlineError(f"cannot download {what} from {url}: {happened}; check {what}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise GraftlineError(f"cannot download {what} from {url}: {_what_happened(exc, url)}. {offline_hint}") from None
     total = int(response.headers.get("Content-Length") or 0) or None
     digest = hashlib.sha256()
     try:

@@ -23,7 +23,9 @@ def read_metrics(path: Path, what: str) -> dict:
     try:
         metrics = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise GraftlineError(f"{what} {path} not found; run the evaluate stage first (dvc repro evaluate)") from None
+        hint = ("give main's, e.g. git show main:metrics/evaluate.json > baseline.json" if what == "--baseline"
+                else "run the evaluate stage first (dvc repro evaluate)")
+        raise GraftlineError(f"{what} {path} not found; {hint}") from None
     except (OSError, ValueError) as exc:
         raise GraftlineError(f"{what} {path} is not a readable JSON metrics file ({exc})") from None
     if not isinstance(metrics, dict) or not isinstance(metrics.get(DROP_METRIC), (int, float)):

@@ -20,6 +20,7 @@ import sys
 import tarfile
 import time
 import zipfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ TF_NATIVE = {
 EXIF_ORIENTATION = 0x0112
 # Folders that archivers add beside the photos (macOS Finder's zip resource forks).
 JUNK_FOLDERS = {"__MACOSX"}
+# Folders of photos that a graftline command makes (the digits preset's), and that command.
+MADE_BY = {"data/digits": "graftline pretrain-digits"}
 # Below this many photos per extra process, starting it costs more than it saves.
 PHOTOS_PER_WORKER_MIN = 200
 
@@ -105,12 +108,14 @@ def _safe_extract(archive: Path, target: Path) -> list[dict]:
 
 
 def _class_root(folder: Path) -> Path:
-    """Descend through single wrapping folders (flower_photos.tgz holds flower_photos/<class>/)."""
-    while True:
-        subdirs = [p for p in folder.iterdir() if p.is_dir() and not _is_hidden(Path(p.name))]
-        if len(subdirs) != 1:
-            return folder
-        folder = subdirs[0]
+    """Descend through single wrapping folders (flower_photos.tgz holds flower_photos/<class>/), but not into
+    a lone folder of photos: that is a class (an archive of one class)."""
+    def subdirs(of: Path) -> list[Path]:
+        return [p for p in of.iterdir() if p.is_dir() and not _is_hidden(Path(p.name))]
+
+    while len(inner := subdirs(folder)) == 1 and subdirs(inner[0]):
+        folder = inner[0]
+    return folder
 
 
 def resolve_source(data, downloads: Path, extract_dir: Path) -> tuple[Path, list[dict]]:
@@ -126,7 +131,9 @@ def resolve_source(data, downloads: Path, extract_dir: Path) -> tuple[Path, list
     if archive.is_dir():
         return archive, []
     if not archive.exists():
-        raise GraftlineError(f"data.source {source!r} does not exist. {USE_A_FOLDER}")
+        made_by = next((cmd for folder, cmd in MADE_BY.items() if Path(source).is_relative_to(folder)), None)
+        raise GraftlineError(f"data.source {source!r} does not exist. "
+                             + (f"`{made_by}` makes it: run that first." if made_by else USE_A_FOLDER))
     if sha256 and sha256_of(archive) != sha256:
         raise GraftlineError(
             f"data.source {archive} has sha256 {sha256_of(archive)}, but data.sha256 pins {sha256}. "
@@ -140,8 +147,14 @@ def resolve_source(data, downloads: Path, extract_dir: Path) -> tuple[Path, list
     target = Path(extract_dir) / f"{archive.name.split('.')[0]}-{digest[:12]}"
     report = target.with_name(target.name + ".rejected.json")
     if not target.exists():  # extracted once; atomic so a killed run re-extracts
-        with atomic_dir(target) as tmp:
-            rejected = _safe_extract(archive, tmp)
+        try:
+            with atomic_dir(target) as tmp:
+                rejected = _safe_extract(archive, tmp)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:
+            raise GraftlineError(
+                f"data.source {archive} is a corrupt or incomplete archive ({type(exc).__name__}: {exc}). "
+                "Download it again (remove the file; data.sha256 pins the right one), or point data.source "
+                "at the folder of photos") from None
         write_json(report, rejected)
     return _class_root(target), json.loads(report.read_text())
 

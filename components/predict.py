@@ -57,6 +57,15 @@ def predict(model_dir: Path, targets: list[str], top_k: int) -> list[dict]:
     return results
 
 
+def require_some(results: list[dict], targets: list[str]) -> None:
+    """Fail (one line) when nothing was predicted: no files at all, or none of them a photo."""
+    if not results:
+        raise GraftlineError(f"no files under {', '.join(targets)}: nothing to predict")
+    if not any("top" in r for r in results):
+        raise GraftlineError(f"nothing was predicted: {len(results)} file(s), none of them a photo "
+                             "(each one's reason is listed above)")
+
+
 def as_text(results: list[dict]) -> str:
     lines = []
     for r in results:

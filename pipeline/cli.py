@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ STAGES = {
 WITHOUT_TENSORFLOW = ("download", "ingest")  # stages that never import it (seconds saved on every run)
 
 HELP = {
+    "check-params": "validate params.yaml (dvc.yaml runs it whenever params.yaml changes)",
     "download": "data.url -> data.source when it lies in data/download/ (so DVC tracks a local archive)",
     "ingest": "photos (folder or archive) -> TFRecord shards per split, labels.json, reports/ingest.json",
     "bottleneck": "TFRecords -> Parquet features of the frozen base (Apache Beam RunInference)",
@@ -47,16 +49,45 @@ HELP = {
 }
 
 # What each stage prints when it is done (the full figures are in its output files).
-SUMMARY_KEYS = ("downloaded", "num_examples", "held_out_accuracy_0_4", "scratch_accuracy", "transfer_accuracy", "splits", "rows", "forward_passes", "val_accuracy", "accuracy",
+SUMMARY_KEYS = ("downloaded", "num_examples", "num_skipped", "num_duplicates", "num_label_conflicts", "held_out_accuracy_0_4", "scratch_accuracy", "transfer_accuracy", "splits", "rows", "forward_passes", "val_accuracy", "accuracy",
                 "macro_f1", "epochs_run", "pipeline_spec", "training_nodes_with_gpu", "device", "devices",
                 "strategy", "replicas", "workers", "task", "chief", "mixed_precision", "wall_time_s")
 
 
+# Inputs a stage reads if they are there (caches, checkpoints), not another stage's outputs.
+OPTIONAL_INPUTS = {"downloads", "extract_dir", "checkpoints"}
+
+
+def missing_input(stage: str, inputs: dict) -> str | None:
+    """One line naming the first input another stage makes that is not there yet, and what to run first."""
+    def missing(of: dict) -> list[str]:
+        return [path for name, path in of.items() if name not in OPTIONAL_INPUTS and not Path(path).exists()]
+
+    def maker(path: str) -> str | None:
+        return next((s for s, (_, _, outs) in STAGES.items() if path in outs.values()), None)
+
+    gaps = missing(inputs)
+    if not gaps:
+        return None
+    chain, todo = [], [maker(gaps[0])]
+    while todo and todo[0] and todo[0] not in chain:  # walk back to the first stage whose inputs are there
+        chain.insert(0, todo[0])
+        todo = [maker(p) for p in missing(STAGES[todo[0]][1])][:1]
+    if not chain:
+        return f"{gaps[0]} not found: {stage} needs it"
+    steps = " then ".join(f"`graftline {s}`" for s in chain)
+    return f"{gaps[0]} not found: {stage} needs it; run {steps} first, or `dvc repro {stage.replace('-', '_')}`"
+
+
 def run_stage(stage: str, params_path: str) -> dict:
+    from components.errors import GraftlineError
     from pipeline import params as params_mod
 
     params = params_mod.load(params_path)
     module, inputs, outputs = STAGES[stage]
+    problem = missing_input(stage, inputs)
+    if problem:
+        raise GraftlineError(problem)
     if stage not in WITHOUT_TENSORFLOW:
         runtime.configure_devices(module.split(".")[-1], params)  # before TensorFlow sets up its devices
         runtime.configure(params.seed)
@@ -100,9 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (timeout, a cancelled CI job, docker stop) handled as Ctrl-C: the same cleanup, one line."""
+
+
+def _terminated(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.hide_native_logs()  # before anything imports TensorFlow
+    signal.signal(signal.SIGTERM, _terminated)
 
     from components.errors import GraftlineError
 
@@ -119,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline import tfx_pipeline
 
             result = tfx_pipeline.compile_spec(args.params, args.target, args.output, args.pipeline_root)
+        elif args.command == "check-params":
+            from pipeline import params as params_mod
+
+            params_mod.load(args.params)
+            result = {}
         elif args.command == "gate":
             return gate(args.params, args.current, args.baseline)
         elif args.command == "devices":
@@ -137,11 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = run_stage(args.command, args.params)
     except GraftlineError as exc:
-        print(f"graftline {args.command}: error: {exc}", file=sys.stderr)
+        one_line = " ".join(str(exc).split())  # a library's multi-line message (tarfile's) made one line
+        print(f"graftline {args.command}: error: {one_line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"graftline {args.command}: interrupted; no output was half-written.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        name = str(exc) if isinstance(exc, Interrupted) else "SIGINT"
+        print(f"graftline {args.command}: interrupted by {name}; no output was half-written.", file=sys.stderr)
+        return 128 + signal.Signals[name]
     summary = {k: result[k] for k in SUMMARY_KEYS if k in result}
     summary.setdefault("wall_time_s", round(time.time() - started, 2))
     print(f"graftline {args.command}: done {json.dumps(summary)}")
@@ -172,7 +219,9 @@ def predict(args) -> int:
         raise GraftlineError(f"--top-k {args.top_k}: expected an integer >= 1")
     runtime.configure_devices("evaluate", None)
     results = predict_mod.predict(Path(args.model), args.targets, args.top_k)
-    print(json.dumps(results, indent=2) if args.json else predict_mod.as_text(results))
+    if results:
+        print(json.dumps(results, indent=2) if args.json else predict_mod.as_text(results))
+    predict_mod.require_some(results, args.targets)
     return 0
 
 
@@ -186,6 +235,13 @@ def preset(params_path: str, name: str | None) -> int:
     line = presets.apply(name, Path(params_path))
     print(f"graftline preset: {params_path} now holds preset {name!r}; run `dvc repro`, or as an experiment:")
     print("\n".join(line))
+    from components.ingest import MADE_BY
+    from pipeline import params as params_mod
+
+    source = params_mod.load(params_path).data.source
+    made_by = next((cmd for folder, cmd in MADE_BY.items() if Path(source).is_relative_to(folder)), None)
+    if made_by and not Path(source).exists():
+        print(f"graftline preset: data.source {source} does not exist yet: run `{made_by}` first")
     return 0
 
 

@@ -39,7 +39,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, stage: str, *word
 def test_offline_url_source_stops_in_seconds_with_how_to_use_a_folder(tmp_path):
     write_params(tmp_path, {})  # the defaults: data.url downloaded to data/download/flower_photos.tgz
     result, elapsed = graftline(["download"], tmp_path, http_proxy=DEAD_PROXY, HTTP_PROXY=DEAD_PROXY)
-    assert_one_line_error(result, "download", "offline", "data.url", "data.source", "/path/to/photos")
+    assert_one_line_error(result, "download", "refused", "data.url", "data.source", "/path/to/photos")
     assert elapsed < 30
     assert not list((tmp_path / "data" / "download").iterdir())  # no partial download left behind
 

@@ -254,7 +254,8 @@ def test_dvc_status_is_clean_after_repro(project):
 def test_experiment_reruns_only_fine_tune_and_evaluate(project, experiment):
     ran = set(re.findall(r"Running stage '(\w+)'", experiment))
     skipped = set(re.findall(r"Stage '(\w+)' didn't change, skipping", experiment))
-    assert ran == {"fine_tune", "evaluate"}, experiment
+    # check_params validates all of params.yaml whenever it changes (seconds, no TensorFlow): see test_first_hour.
+    assert ran == {"check_params", "fine_tune", "evaluate"}, experiment
     assert {"ingest", "bottleneck", "train_head"} <= skipped, experiment
     metrics = load(project.root / "metrics/fine_tune.json")
     assert metrics["fine_tune_at"] == OTHER_FINE_TUNE_AT

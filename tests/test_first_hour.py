@@ -1,0 +1,351 @@
+"""The first hour's mistakes: each one clear line (exit 2) naming the file, URL, key or command, and
+nothing left behind after a kill (SIGKILL, SIGTERM, SIGINT) of a real stage process."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components import fetch
+from components.errors import GraftlineError
+from drawing import make_class_tree, make_tar, tree_members
+
+BIN = Path(sys.executable).parent
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
+def graftline(args: list[str], cwd: Path, timeout: int = 600, **extra) -> subprocess.CompletedProcess:
+    return subprocess.run(["graftline", *args], cwd=cwd, env=env(**extra), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def one_line_error(result: subprocess.CompletedProcess, command: str, *words: str) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith(f"graftline {command}: error:")]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def small_project(folder: Path, **params) -> Path:
+    """Drawn photos of three classes; MobileNetV2 alpha 0.35 at 96 px with random weights (no download)."""
+    make_class_tree(folder / "photos", {"cats": 30, "dogs": 30, "owls": 30}, size=(96, 96))
+    settings = {
+        "data": {"source": str(folder / "photos"), "sha256": "", "val_percent": 20, "test_percent": 20},
+        "base": {"alpha": 0.35, "image_size": 96, "weights": "none"},
+        "train_head": {"epochs": 3},
+        "fine_tune": {"epochs": 2, "batch_size": 8, "early_stopping_patience": 0},
+        "export": {"tflite": []},
+    }
+    for section, values in params.items():
+        settings.setdefault(section, {}).update(values)
+    (folder / "params.yaml").write_text(yaml.safe_dump(settings))
+    return folder
+
+
+def hidden_leftovers(folder: Path) -> list[str]:
+    """Temporary folders and files a stage writes beside its outputs (".<name>.tmp-*")."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*.tmp-*"))
+
+
+def kill_when(proc: subprocess.Popen, ready, sig: int, deadline_s: float = 300) -> bool:
+    """Send ``sig`` to ``proc`` as soon as ``ready()`` holds; False when the process ended first."""
+    deadline = time.time() + deadline_s
+    while proc.poll() is None and time.time() < deadline:
+        if ready():
+            proc.send_signal(sig)
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# ------------------------------------------------------------------ 1. a misspelled key
+
+
+@pytest.mark.slow
+def test_an_unknown_key_fails_the_next_dvc_repro_when_no_stage_changed(project, tmp_path):
+    from test_ci_evaluate import copy_project
+
+    root = copy_project(project, tmp_path / "project")
+    params = (root / "params.yaml").read_text()
+    (root / "params.yaml").write_text(params + "fine_tun_at: 120\n")  # what `dvc exp run -S +fine_tun_at=120` adds
+    result = subprocess.run(["dvc", "repro"], cwd=root, env=project.env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert re.findall(r"Running stage '(\w+)'", output) == ["check_params"], output
+    assert "params: unknown key 'fine_tun_at'. Did you mean 'fine_tune_at'?" in output, output
+    assert "Traceback" not in output
+
+
+# ------------------------------------------------------------------ 2. kills
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory) -> Path:
+    """A small project after ingest (run in this process: the kills below are of the bottleneck)."""
+    import shutil
+
+    from pipeline.cli import run_stage
+
+    root = small_project(tmp_path_factory.mktemp("ingested"), bottleneck={"cache_dir": "", "batch_size": 4})
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        run_stage("ingest", "params.yaml")
+    finally:
+        os.chdir(here)
+    shutil.rmtree(root / "photos")  # the examples hold them now
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["KILL", "TERM", "INT"])
+def test_a_killed_bottleneck_leaves_nothing_the_next_run_does_not_remove(ingested, tmp_path, sig):
+    import shutil
+
+    root = tmp_path / "project"
+    shutil.copytree(ingested, root)
+    proc = subprocess.Popen(["graftline", "bottleneck"], cwd=root, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    staging = lambda: list((root / "artifacts").glob(".bottlenecks.tmp-*"))  # noqa: E731
+    assert kill_when(proc, lambda: bool(staging()), sig), "the stage ended before it was killed"
+    _, stderr = proc.communicate(timeout=120)
+    if sig == signal.SIGKILL:
+        assert staging(), "SIGKILL leaves the staging folder: what the next run must remove"
+    else:  # SIGTERM gets SIGINT's cleanup and its one line
+        assert proc.returncode == 128 + sig, stderr
+        assert f"graftline bottleneck: interrupted by {signal.Signals(sig).name}" in stderr, stderr
+        assert "Traceback" not in stderr and not staging()
+    assert not (root / "artifacts" / "bottlenecks").exists()
+    again = graftline(["bottleneck"], root)
+    assert again.returncode == 0, again.stderr
+    assert hidden_leftovers(root) == [] and (root / "artifacts" / "bottlenecks" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_fine_tune_killed_during_its_export_leaves_nothing_the_next_run_does_not_remove(tmp_path, monkeypatch):
+    root = small_project(tmp_path)
+    from pipeline.cli import run_stage
+
+    monkeypatch.chdir(root)
+    for stage in ("ingest", "bottleneck", "train-head"):
+        run_stage(stage, "params.yaml")
+    proc = subprocess.Popen(["graftline", "fine-tune"], cwd=root, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    exporting = lambda: list((root / "artifacts").glob(".model.tmp-*/model.keras"))  # noqa: E731
+    assert kill_when(proc, lambda: bool(exporting()), signal.SIGKILL), "fine-tune ended before its export"
+    proc.wait()
+    assert hidden_leftovers(root), "the killed export left its folder"
+    again = graftline(["fine-tune"], root)
+    assert again.returncode == 0, again.stderr
+    assert hidden_leftovers(root) == [] and (root / "artifacts" / "model" / "saved_model").is_dir()
+
+
+@pytest.mark.slow
+def test_sigterm_during_ingest_is_one_line_and_leaves_nothing(tmp_path):
+    root = small_project(tmp_path)
+    make_class_tree(root / "photos", {"cats": 400}, size=(160, 160), start=100)  # enough to be caught mid-way
+    proc = subprocess.Popen(["graftline", "ingest"], cwd=root, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert kill_when(proc, lambda: bool(list((root / "artifacts").glob(".examples.tmp-*"))), signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().splitlines()[-1].startswith("graftline ingest: interrupted by SIGTERM"), stderr
+    assert hidden_leftovers(root) == [] and not (root / "artifacts" / "examples").exists()
+
+
+def test_leftovers_of_a_live_process_are_kept_and_of_a_dead_one_removed(tmp_path):
+    from components import atomic
+
+    final = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".out.tmp-{dead.pid}-abc").mkdir()  # what a SIGKILLed run leaves
+    (tmp_path / f".out.tmp-{os.getppid()}-xyz").mkdir()  # another run still writing (a live process)
+    with atomic.atomic_dir(final) as tmp:
+        (tmp / "f").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", f".out.tmp-{os.getppid()}-xyz"])
+
+
+# ------------------------------------------------------------------ 3. corrupt archives
+
+
+@pytest.mark.parametrize("name, content", [
+    ("photos.tgz", b"this is not a gzip file\n"),
+    ("photos.zip", b"PK\x03\x04 not really a zip\n"),
+    ("photos.tar.gz", None),  # a real archive cut short
+], ids=["text-as-tgz", "text-as-zip", "truncated-tgz"])
+def test_a_corrupt_or_truncated_archive_is_one_line(tmp_path, name, content):
+    archive = tmp_path / name
+    if content is None:
+        tree = make_class_tree(tmp_path / "drawn", {"cats": 6, "dogs": 6}, size=(64, 64))
+        whole = make_tar(tmp_path / "whole.tgz", tree_members(tree, "photos/")).read_bytes()
+        content = whole[: len(whole) // 2]
+    archive.write_bytes(content)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"source": str(archive), "sha256": ""}}))
+    line = one_line_error(graftline(["ingest"], tmp_path), "ingest", str(archive))
+    assert "corrupt or incomplete" in line and "data.sha256" in line
+    assert not [p for p in (tmp_path / "data" / "raw").glob("*") if p.is_dir()]  # nothing half-extracted kept
+
+
+# ------------------------------------------------------------------ 4. stages out of order
+
+
+@pytest.mark.parametrize("stage, missing, first", [
+    ("train-head", "artifacts/bottlenecks", "ingest"),
+    ("fine-tune", "artifacts/examples", "ingest"),
+    ("evaluate", "artifacts/examples", "ingest"),
+])
+def test_a_stage_before_the_ones_it_needs_names_the_file_and_the_stage(tmp_path, stage, missing, first):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({}))
+    result = graftline([stage], tmp_path, timeout=120)
+    one_line_error(result, stage, missing, f"graftline {first}", "dvc repro")
+
+
+def test_train_head_after_ingest_only_names_the_bottleneck(tmp_path):
+    root = small_project(tmp_path)
+    assert graftline(["ingest"], root).returncode == 0
+    line = one_line_error(graftline(["train-head"], root, timeout=120), "train-head", "artifacts/bottlenecks",
+                          "run `graftline bottleneck` first")
+    assert "ingest" not in line
+
+
+# ------------------------------------------------------------------ 5. download failures
+
+
+def serve(folder: Path) -> ThreadingHTTPServer:
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a, **k: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture()
+def no_proxy(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_http_404_says_not_found(tmp_path, no_proxy):
+    server = serve(tmp_path)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/nothing.tgz"
+        with pytest.raises(GraftlineError) as info:
+            fetch.fetch(url, tmp_path / "d" / "x.tgz", what="data.url")
+    finally:
+        server.shutdown()
+    message = str(info.value)
+    assert url in message and "not found (HTTP 404)" in message and "offline" not in message
+    assert "data.url" in message
+
+
+def test_a_refused_connection_says_refused(tmp_path, no_proxy):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/photos.tgz"
+    with pytest.raises(GraftlineError) as info:
+        fetch.fetch(url, tmp_path / "x.tgz", what="data.url")
+    assert url in str(info.value) and "refused" in str(info.value) and "offline" not in str(info.value)
+
+
+def test_a_silent_server_says_timed_out(tmp_path, no_proxy, monkeypatch):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # accepts the connection, never answers
+    monkeypatch.setattr(fetch, "CONNECT_TIMEOUT_S", 1)
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/photos.tgz"
+        with pytest.raises(GraftlineError) as info:
+            fetch.fetch(url, tmp_path / "x.tgz", what="data.url")
+    finally:
+        listener.close()
+    assert url in str(info.value) and "timed out after 1 s" in str(info.value)
+
+
+def test_an_unknown_host_says_no_network_or_no_such_host(tmp_path, no_proxy):
+    url = "http://graftline-test.invalid/photos.tgz"  # .invalid never resolves (RFC 2606)
+    with pytest.raises(GraftlineError) as info:
+        fetch.fetch(url, tmp_path / "x.tgz", what="data.url", offline_hint="Use a local folder.")
+    message = str(info.value)
+    assert url in message and "cannot resolve graftline-test.invalid" in message and "Use a local folder." in message
+
+
+# ------------------------------------------------------------------ 6. predict with nothing to predict
+
+
+@pytest.mark.slow
+def test_predict_with_nothing_to_predict_is_non_zero_with_the_reason(project, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a photo\n")
+    model = str(project.root / "artifacts" / "model")
+    empty = subprocess.run(["graftline", "predict", "--model", model, str(tmp_path / "empty")], cwd=tmp_path,
+                           env=project.env, capture_output=True, text=True, timeout=300)
+    one_line_error(empty, "predict", str(tmp_path / "empty"), "no files")
+    text = subprocess.run(["graftline", "predict", "--model", model, str(tmp_path / "notes.txt")], cwd=tmp_path,
+                          env=project.env, capture_output=True, text=True, timeout=300)
+    line = one_line_error(text, "predict", "nothing was predicted", "1 file")
+    assert f"{tmp_path / 'notes.txt'}: skipped (not an image)" in text.stdout, line
+
+
+# ------------------------------------------------------------------ 7. smaller ones
+
+
+def test_an_archive_with_one_class_says_one_class_folder(tmp_path):
+    tree = make_class_tree(tmp_path / "drawn", {"cats": 6}, size=(64, 64))
+    archive = make_tar(tmp_path / "photos.tgz", tree_members(tree, "photos/"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"source": str(archive), "sha256": ""}}))
+    one_line_error(graftline(["ingest"], tmp_path), "ingest", "has 1 class folder(s)", "at least 2")
+
+
+def test_the_digits_preset_before_pretrain_digits_names_the_command(tmp_path):
+    from conftest import copy_repo
+
+    copy_repo(tmp_path)
+    applied = graftline(["preset", "digits"], tmp_path, timeout=120)
+    assert applied.returncode == 0 and "graftline pretrain-digits" in applied.stdout, applied.stdout
+    one_line_error(graftline(["ingest"], tmp_path, timeout=120), "ingest", "data/digits/digits_5_9",
+                   "graftline pretrain-digits")
+
+
+def test_ingest_says_what_it_skipped_duplicated_and_refused(tmp_path):
+    import shutil
+
+    root = small_project(tmp_path)
+    (root / "photos" / "cats" / "notes.txt").write_text("not a photo\n")
+    shutil.copy(root / "photos" / "cats" / "cats_001.jpg", root / "photos" / "cats" / "zz_copy.jpg")
+    shutil.copy(root / "photos" / "dogs" / "dogs_001.jpg", root / "photos" / "cats" / "zz_dog.jpg")
+    result = graftline(["ingest"], root)
+    assert result.returncode == 0, result.stderr
+    done = json.loads(result.stdout.split("done ", 1)[1])
+    assert (done["num_skipped"], done["num_duplicates"], done["num_label_conflicts"]) == (1, 1, 1)
+
+
+def test_the_gate_names_what_a_missing_baseline_is(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({}))
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps({"accuracy": 0.9}))
+    line = one_line_error(graftline(["gate", "--baseline", "main.json"], tmp_path, timeout=60), "gate",
+                          "--baseline main.json not found", "git show main:metrics/evaluate.json")
+    assert "run the evaluate stage" not in line
+    (tmp_path / "metrics" / "evaluate.json").unlink()
+    one_line_error(graftline(["gate"], tmp_path, timeout=60), "gate", "--current metrics/evaluate.json not found",
+                   "dvc repro evaluate")
