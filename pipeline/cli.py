@@ -85,6 +85,8 @@ def run_stage(stage: str, params_path: str) -> dict:
 
     params = params_mod.load(params_path)
     module, inputs, outputs = STAGES[stage]
+    if module.split(".")[-1] in runtime.TRAINING_STAGES:
+        runtime.check_training(params.train)  # device and TF_CONFIG errors first: no input fixes them
     problem = missing_input(stage, inputs)
     if problem:
         raise GraftlineError(problem)

@@ -80,12 +80,10 @@ def configure_training(train) -> None:
     from components import devices
     from components.errors import GraftlineError
 
-    # A missing or bad TF_CONFIG fails here, before any work (and before TensorFlow's import).
-    cluster = devices.tf_config(os.environ.get("TF_CONFIG")) if train.strategy == "multi_worker" else None
+    cluster, device = check_training(train)
     import keras
     import tensorflow as tf
     gpus = tf.config.list_physical_devices("GPU")
-    device = devices.choose_device(train.device, len(gpus))
     try:
         if gpus:
             tf.config.set_visible_devices([] if device == "cpu" else gpus, "GPU")
@@ -103,6 +101,19 @@ def configure_training(train) -> None:
               "workers (TF_CONFIG); waiting until every one has joined", flush=True)
         devices.multi_worker()
     keras.mixed_precision.set_global_policy(devices.choose_policy(train.mixed_precision, device))
+
+
+def check_training(train) -> tuple[dict | None, str]:
+    """A training stage's pre-flight: (TF_CONFIG's cluster or None, the device it will use).
+
+    A missing or bad TF_CONFIG fails first, before TensorFlow's import; a GPU asked for and not
+    there fails next. Both come before the stage looks for its inputs: no input fixes them.
+    """
+    from components import devices
+
+    cluster = devices.tf_config(os.environ.get("TF_CONFIG")) if train.strategy == "multi_worker" else None
+    import tensorflow as tf
+    return cluster, devices.choose_device(train.device, len(tf.config.list_physical_devices("GPU")))
 
 
 def cpu_only() -> None:
