@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # dvc runs `graftline`, so the venv's bin goes first on PATH.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup setup-gpu repro test clean ci-evaluate
+.PHONY: setup setup-gpu repro test plots clean ci-evaluate
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ repro: setup
 
 test: setup
 	$(RUN) python -m pytest -ra
+
+# DVC's plots page with local vega scripts (draws offline): dvc_plots/index.html. The evaluation
+# report needs nothing: open reports/evaluate.html.
+plots: setup
+	$(RUN) graftline plots --out dvc_plots
 
 # CI's evaluation gate (evaluate.yml runs it after `make setup` and `dvc pull`), on a finished
 # pipeline whose model was trained elsewhere (train.yml), never here:

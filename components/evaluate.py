@@ -4,7 +4,8 @@ Outputs: ``metrics`` (accuracy, top-k accuracy, loss, macro F1, per-class
 precision/recall/F1 and support), ``confusion`` (one row per test photo,
 actual and predicted class names, for DVC's confusion template),
 ``confusion_png``, ``report`` (the most confident mistakes with their paths,
-wall time, devices).
+wall time, devices), ``html`` (reports/evaluate.html, components/report.py: the
+page a person opens). Scores and the confusion matrix are scikit-learn's.
 
 The gate: once its outputs are written, the stage fails (one line naming the
 metric, its value and the threshold) when a metric is below
@@ -17,27 +18,29 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import confusion_matrix
 
-from components import devices, gate, inference, plots
+from components import devices, gate, inference, plots, records, report
 from components.atomic import read_json, write_csv, write_json
 from components.errors import GraftlineError
 from components.export import LABELS_FILE, MODEL_FILE
 from components.fine_tune import image_dataset
 
 
-def per_class_scores(counts: np.ndarray, labels: list[str]) -> dict:
-    """Precision, recall, F1 and support per class, from the confusion matrix (rows actual, columns predicted)."""
-    scores = {}
-    for index, name in enumerate(labels):
-        tp = int(counts[index, index])
-        predicted_n = int(counts[:, index].sum())
-        support = int(counts[index].sum())
-        precision = tp / predicted_n if predicted_n else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        scores[name] = {"precision": round(precision, 6), "recall": round(recall, 6),
-                        "f1": round(f1, 6), "support": support}
-    return scores
+def per_class_scores(actual: np.ndarray, predicted: np.ndarray, labels: list[str]) -> dict:
+    """Precision, recall, F1 and support per class (scikit-learn's; 0 where a class is never predicted)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    precision, recall, f1, support = precision_recall_fscore_support(
+        actual, predicted, labels=list(range(len(labels))), zero_division=0)
+    return {name: {"precision": round(float(precision[i]), 6), "recall": round(float(recall[i]), 6),
+                   "f1": round(float(f1[i]), 6), "support": int(support[i])} for i, name in enumerate(labels)}
+
+
+def test_photos(examples: Path):
+    """(key, stored image bytes) of the test split, for the report's thumbnails."""
+    for example in records.dataset(examples, "test"):
+        yield example[records.KEY].numpy().decode(), example[records.IMAGE].numpy()
 
 
 def most_confident_mistakes(keys: list[str], actual: np.ndarray, probabilities: np.ndarray,
@@ -51,7 +54,8 @@ def most_confident_mistakes(keys: list[str], actual: np.ndarray, probabilities: 
 
 
 def run(params, inputs: dict, outputs: dict) -> dict:
-    """inputs: examples, model. outputs: metrics (JSON), confusion (CSV), confusion_png, report (JSON)."""
+    """inputs: examples, model, curves (fine-tune's PNG, optional). outputs: metrics (JSON), confusion (CSV),
+    confusion_png, report (JSON), html (reports/evaluate.html)."""
     import keras
 
     started = time.time()
@@ -76,8 +80,8 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     k = min(params.evaluate.top_k, len(labels))
     top_k = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     loss = float(keras.losses.sparse_categorical_crossentropy(actual, probabilities).numpy().mean())
-    counts = plots.confusion_matrix(actual, predicted, labels)
-    per_class = per_class_scores(counts, labels)
+    counts = confusion_matrix(actual, predicted, labels=list(range(len(labels))))
+    per_class = per_class_scores(actual, predicted, labels)
 
     write_csv(Path(outputs["confusion"]), ("actual", "predicted"),
               [(labels[a], labels[p]) for a, p in zip(actual, predicted)])
@@ -91,11 +95,17 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         "per_class": per_class,
     }
     write_json(Path(outputs["metrics"]), metrics)
-    report = {"mistakes": most_confident_mistakes(keys, actual, probabilities, labels, params.evaluate.mistakes),
-              "wall_time_s": round(time.time() - started, 2), "devices": devices.visible()}
-    write_json(Path(outputs["report"]), report)
+    mistakes = most_confident_mistakes(keys, actual, probabilities, labels, params.evaluate.mistakes)
+    wanted = {m["path"] for m in mistakes}
+    photos = {key: image for key, image in test_photos(Path(inputs["examples"])) if key in wanted}
+    curves = Path(inputs["curves"]).read_bytes() if Path(inputs["curves"]).is_file() else None
+    report_page = report.render(metrics, labels, counts, mistakes, photos, Path(outputs["confusion_png"]).read_bytes(),
+                                curves)
+    report.write(Path(outputs["html"]), report_page)
+    summary = {"mistakes": mistakes, "wall_time_s": round(time.time() - started, 2), "devices": devices.visible()}
+    write_json(Path(outputs["report"]), summary)
     # Checked after writing, so a failed gate still leaves the figures to look at (DVC records no run).
     failures = gate.threshold_failures(metrics, params.evaluate.thresholds)
     if failures:
         raise GraftlineError("; ".join(failures))
-    return {**metrics, **report}
+    return {**metrics, **summary}

@@ -33,6 +33,7 @@ import json
 import shutil
 
 from components import activations, base_models, devices, export, images, plots, records
+from components import callbacks as callbacks_mod
 from components.atomic import atomic_dir, read_json, write_csv, write_json
 from components.fetch import sha256_of
 from components.errors import GraftlineError
@@ -246,6 +247,7 @@ def train_and_save(params, inputs: dict, outputs: dict, strategy) -> dict:
     callbacks = []
     if trained_now:
         callbacks.append(checkpoint_callback(checkpoints, fingerprint, done_rows, first_epoch))
+        callbacks += callbacks_mod.epoch_loggers(outputs, resumed=bool(resume))
         if f.early_stopping_patience:
             callbacks.append(keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=f.early_stopping_patience, restore_best_weights=True))

@@ -48,13 +48,6 @@ def learning_curves(rows: Sequence[dict], fine_tune_from: int | None, path: Path
     plt.close(fig)
 
 
-def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, labels: list[str]) -> np.ndarray:
-    """counts[i, j] = photos of class i predicted as class j."""
-    counts = np.zeros((len(labels), len(labels)), np.int64)
-    np.add.at(counts, (actual, predicted), 1)
-    return counts
-
-
 def confusion_png(counts: np.ndarray, labels: list[str], path: Path) -> None:
     plt = _pyplot()
     size = max(4, 0.6 * len(labels) + 2)

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from components import callbacks as callbacks_mod
 from components import devices, features
 from components.atomic import atomic_dir, read_json, write_csv, write_json
 from components.errors import GraftlineError
@@ -100,7 +101,7 @@ def train_and_save(params, inputs: dict, outputs: dict, strategy) -> dict:
     batches = devices.shard_by_data(tf.data.Dataset.from_tensor_slices((x_train, y_train))
                                     .shuffle(len(x_train), seed=params.seed, reshuffle_each_iteration=True)
                                     .batch(batch_size))
-    callbacks = []
+    callbacks = callbacks_mod.epoch_loggers(outputs)
     if p.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=p.early_stopping_patience, restore_best_weights=True))

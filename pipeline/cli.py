@@ -26,14 +26,18 @@ STAGES = {
                    {"bottlenecks": "artifacts/bottlenecks", "report": "reports/bottleneck.json"}),
     "train-head": ("components.train_head", {"bottlenecks": "artifacts/bottlenecks", "labels": "artifacts/labels.json"},
                    {"head": "artifacts/head", "metrics": "metrics/train_head.json",
-                    "plots": "plots/train_head.csv", "report": "reports/train_head.json"}),
+                    "plots": "plots/train_head.csv", "report": "reports/train_head.json",
+                    "live": "dvclive/train_head", "tensorboard": "logs/train_head"}),
     "fine-tune": ("components.fine_tune", {"examples": "artifacts/examples", "labels": "artifacts/labels.json",
                                            "head": "artifacts/head", "checkpoints": "data/checkpoints/fine_tune"},
                   {"model": "artifacts/model", "metrics": "metrics/fine_tune.json", "plots": "plots/fine_tune.csv",
-                   "curves": "plots/learning_curves.png", "report": "reports/fine_tune.json"}),
-    "evaluate": ("components.evaluate", {"examples": "artifacts/examples", "model": "artifacts/model"},
+                   "curves": "plots/learning_curves.png", "report": "reports/fine_tune.json",
+                   "live": "dvclive/fine_tune", "tensorboard": "logs/fine_tune"}),
+    "evaluate": ("components.evaluate", {"examples": "artifacts/examples", "model": "artifacts/model",
+                                         "curves": "plots/learning_curves.png"},
                  {"metrics": "metrics/evaluate.json", "confusion": "plots/confusion.csv",
-                  "confusion_png": "plots/confusion.png", "report": "reports/evaluate.json"}),
+                  "confusion_png": "plots/confusion.png", "report": "reports/evaluate.json",
+                  "html": "reports/evaluate.html"}),
 }
 
 WITHOUT_TENSORFLOW = ("download", "ingest")  # stages that never import it (seconds saved on every run)
@@ -49,13 +53,13 @@ HELP = {
 }
 
 # What each stage prints when it is done (the full figures are in its output files).
-SUMMARY_KEYS = ("downloaded", "num_examples", "num_skipped", "num_duplicates", "num_label_conflicts", "held_out_accuracy_0_4", "scratch_accuracy", "transfer_accuracy", "splits", "rows", "forward_passes", "val_accuracy", "accuracy",
+SUMMARY_KEYS = ("page", "downloaded", "num_examples", "num_skipped", "num_duplicates", "num_label_conflicts", "held_out_accuracy_0_4", "scratch_accuracy", "transfer_accuracy", "splits", "rows", "forward_passes", "val_accuracy", "accuracy",
                 "macro_f1", "epochs_run", "pipeline_spec", "training_nodes_with_gpu", "device", "devices",
                 "strategy", "replicas", "workers", "task", "chief", "mixed_precision", "wall_time_s")
 
 
 # Inputs a stage reads if they are there (caches, checkpoints), not another stage's outputs.
-OPTIONAL_INPUTS = {"downloads", "extract_dir", "checkpoints"}
+OPTIONAL_INPUTS = {"downloads", "extract_dir", "checkpoints", "curves"}
 
 
 def missing_input(stage: str, inputs: dict) -> str | None:
@@ -130,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--epochs", type=int, default=5)
     pretrain.add_argument("--image-size", type=int, default=32)
     sub.add_parser("scratch", help="control: the base's architecture from random weights, same photos and epoch budget")
+    plots = sub.add_parser("plots", help="`dvc plots show` with local vega scripts: a page that draws offline")
+    plots.add_argument("--out", default="dvc_plots", help="folder for index.html (default dvc_plots)")
     return parser
 
 
@@ -181,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             result = pretrain.run(Path(args.out), args.image_size, args.epochs)
         elif args.command == "scratch":
             result = scratch(args.params)
+        elif args.command == "plots":
+            result = offline_plots(Path(args.out))
         else:
             result = run_stage(args.command, args.params)
     except GraftlineError as exc:
@@ -264,6 +272,29 @@ def scratch(params_path: str) -> dict:
     print(f"graftline scratch: test accuracy {result['transfer_accuracy']:.3f} transferred vs "
           f"{result['scratch_accuracy']:.3f} from scratch ({result['epochs']} epochs each)")
     return result
+
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+
+
+def offline_plots(out: Path) -> dict:
+    """`dvc plots show` into ``out`` with templates/dvc_plots.html, whose vega scripts sit beside the page.
+
+    DVC's own page loads vega, vega-lite and vega-embed from a CDN, so on a machine without the
+    internet it stays blank; the template names the same versions, copied here from templates/vega/.
+    """
+    import shutil
+    import subprocess
+
+    from components.errors import GraftlineError
+
+    done = subprocess.run(["dvc", "plots", "show", "--html-template", str(TEMPLATES / "dvc_plots.html"),
+                           "--out", str(out)], capture_output=True, text=True)
+    if done.returncode:
+        raise GraftlineError(f"dvc plots show failed: {done.stderr.strip() or done.stdout.strip()}")
+    for script in sorted((TEMPLATES / "vega").glob("*.min.js")):
+        shutil.copy2(script, out / script.name)
+    return {"page": str(out / "index.html")}
 
 
 def training_devices(params_path: str, device: str | None) -> dict:

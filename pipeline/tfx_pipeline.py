@@ -115,12 +115,13 @@ def FineTune(examples: InputArtifact[Examples], head: InputArtifact[Head], model
 
 
 @component
-def Evaluate(examples: InputArtifact[Examples], model: InputArtifact[Model],
+def Evaluate(examples: InputArtifact[Examples], model: InputArtifact[Model], fine_tune_report: InputArtifact[StageReport],
              evaluation: OutputArtifact[Evaluation], params_json: Parameter[str]):
     uri = Path(evaluation.uri)
-    _call("evaluate", params_json, {"examples": _examples(examples), "model": Path(model.uri) / "model"},
+    _call("evaluate", params_json, {"examples": _examples(examples), "model": Path(model.uri) / "model",
+                                    "curves": Path(fine_tune_report.uri) / "learning_curves.png"},
           {"metrics": uri / "metrics.json", "confusion": uri / "confusion.csv",
-           "confusion_png": uri / "confusion.png", "report": uri / "report.json"})
+           "confusion_png": uri / "confusion.png", "report": uri / "report.json", "html": uri / "evaluate.html"})
 
 
 def create_pipeline(params, pipeline_root: str, downloads: str, extract_dir: str,
@@ -138,7 +139,7 @@ def create_pipeline(params, pipeline_root: str, downloads: str, extract_dir: str
     fine_tune = FineTune(examples=ingest.outputs["examples"], head=train_head.outputs["head"],
                          params_json=params_json)
     evaluate = Evaluate(examples=ingest.outputs["examples"], model=fine_tune.outputs["model"],
-                        params_json=params_json)
+                        fine_tune_report=fine_tune.outputs["report"], params_json=params_json)
     return Pipeline(
         pipeline_name=PIPELINE_NAME,
         pipeline_root=pipeline_root,

@@ -68,6 +68,10 @@ def test_queued_sweep_over_fine_tune_at(project, tmp_path):
         data = found[f"ft-{at}"]
         assert data["params"]["params.yaml"]["data"]["fine_tune_at"] == at
         fine_tune = data["metrics"]["metrics/fine_tune.json"]["data"]
+        # DVCLive's files too: what `dvc exp show` lists for a running experiment
+        live = data["metrics"]["dvclive/fine_tune/metrics.json"]["data"]
+        assert live["step"] == fine_tune["epochs_run"] - 1 and "loss" in live["eval"]
+        assert "dvclive/train_head/metrics.json" in data["metrics"]
         assert fine_tune["fine_tune_at"] == at and fine_tune["epochs"] == 1
         assert fine_tune["trainable_base_layers"] == 155 - at
         evaluate = data["metrics"]["metrics/evaluate.json"]["data"]

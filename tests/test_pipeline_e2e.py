@@ -140,9 +140,26 @@ def test_test_accuracy_and_confusion_matrix(project):
     assert len(rows) == metrics["num_test"] == load(project.first / "reports/ingest.json")["splits"]["test"]
     assert np.mean([r["actual"] == r["predicted"] for r in rows]) == pytest.approx(metrics["accuracy"], abs=1e-6)
     assert sum(c["support"] for c in metrics["per_class"].values()) == metrics["num_test"]
+    # scikit-learn's figures equal what the confusion rows give by hand (the code before it used this formula)
     for name, scores in metrics["per_class"].items():
         tp = sum(r["actual"] == name == r["predicted"] for r in rows)
-        assert scores["recall"] == pytest.approx(tp / scores["support"], abs=1e-6)
+        predicted_n = sum(r["predicted"] == name for r in rows)
+        precision, recall = (tp / predicted_n if predicted_n else 0.0), tp / scores["support"]
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        assert (scores["precision"], scores["recall"], scores["f1"]) == pytest.approx((precision, recall, f1), abs=1e-6)
+    assert metrics["macro_f1"] == pytest.approx(np.mean([s["f1"] for s in metrics["per_class"].values()]), abs=1e-6)
+
+
+def test_training_stages_log_for_tensorboard_and_dvclive(project):
+    for stage in ("train_head", "fine_tune"):
+        assert list((project.root / "logs" / stage).rglob("events.out.tfevents.*")), f"no TensorBoard log for {stage}"
+        live = json.loads((project.root / "dvclive" / stage / "metrics.json").read_text())
+        ours = load(project.first / f"metrics/{stage}.json")
+        # DVCLive's Keras layout: train/ and eval/ (Keras' val_) figures of the last epoch, step counted from 0
+        assert set(live) == {"train", "eval", "step"} and set(live["eval"]) == {"loss", "accuracy"}, live
+        assert live["step"] == ours["epochs_run"] - 1  # no timings: deterministic, like every metrics file
+        rows = (project.root / "dvclive" / stage / "plots" / "metrics" / "eval" / "loss.tsv").read_text().strip()
+        assert len(rows.splitlines()) - 1 == ours["epochs_run"]
 
 
 def test_saved_model_serves_encoded_bytes_like_evaluate(project):
