@@ -69,7 +69,7 @@ def plain_loop(examples: Path, p) -> int:
 
 
 def stage(examples: Path, p, out: Path) -> int:
-    from components import bottleneck
+    from components.stages import bottleneck
 
     report = bottleneck.run(p, {"examples": examples}, {"bottlenecks": out / "bottlenecks", "report": out / "r.json"})
     return report["forward_passes"]
@@ -120,7 +120,7 @@ def main() -> None:
     if not (args.folder or args.draw):
         parser.error("give --folder or --draw")
 
-    from components import ingest
+    from components.stages import ingest
     from pipeline import params
 
     with tempfile.TemporaryDirectory(prefix="graftline-bench-") as work:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/head_recipes.py --bottlenecks artifacts/bottlenecks
 
 Pools every split's features, and for each recipe trains graftline's head
-(components.train_head.build_head) on 3 folds, early-stops on the 4th (when
+(components.head.build_head) on 3 folds, early-stops on the 4th (when
 the recipe has patience) and scores the 5th, rotating; prints mean accuracy,
 loss and epochs. The tutorial's head recipe (RMSprop 1e-4, 10 epochs) assumes
 ~600 steps an epoch; on a small folder that leaves the head far from trained.
@@ -19,7 +19,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from components import features, records  # noqa: E402
-from components.train_head import build_head, make_optimizer  # noqa: E402
+from components.head import build_head, make_optimizer  # noqa: E402
 
 # (name, optimizer, learning rate, dropout, max epochs, early-stopping patience or 0)
 RECIPES = (

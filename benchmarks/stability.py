@@ -54,7 +54,8 @@ def main() -> None:
 
     import numpy as np
 
-    from components import base_models, features, ingest, records, train_head
+    from components import base_models, features, records
+    from components.stages import ingest, train_head
     from machine import cpu
     from pipeline import params as params_mod
     from pipeline import runtime

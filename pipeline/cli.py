@@ -18,22 +18,22 @@ from pipeline import console, runtime  # runtime quiets TensorFlow before it is 
 
 # stage -> (module, inputs, outputs), paths relative to the project folder.
 STAGES = {
-    "download": ("components.download", {}, {"folder": "data/download"}),
-    "ingest": ("components.ingest", {"downloads": "data/download", "extract_dir": "data/raw"},
+    "download": ("components.stages.download", {}, {"folder": "data/download"}),
+    "ingest": ("components.stages.ingest", {"downloads": "data/download", "extract_dir": "data/raw"},
                {"examples": "artifacts/examples", "labels": "artifacts/labels.json",
                 "report": "reports/ingest.json"}),
-    "bottleneck": ("components.bottleneck", {"examples": "artifacts/examples"},
+    "bottleneck": ("components.stages.bottleneck", {"examples": "artifacts/examples"},
                    {"bottlenecks": "artifacts/bottlenecks", "report": "reports/bottleneck.json"}),
-    "train-head": ("components.train_head", {"bottlenecks": "artifacts/bottlenecks", "labels": "artifacts/labels.json"},
+    "train-head": ("components.stages.train_head", {"bottlenecks": "artifacts/bottlenecks", "labels": "artifacts/labels.json"},
                    {"head": "artifacts/head", "metrics": "metrics/train_head.json",
                     "plots": "plots/train_head.csv", "report": "reports/train_head.json",
                     "live": "dvclive/train_head", "tensorboard": "logs/train_head"}),
-    "fine-tune": ("components.fine_tune", {"examples": "artifacts/examples", "labels": "artifacts/labels.json",
+    "fine-tune": ("components.stages.fine_tune", {"examples": "artifacts/examples", "labels": "artifacts/labels.json",
                                            "head": "artifacts/head", "checkpoints": "data/checkpoints/fine_tune"},
                   {"model": "artifacts/model", "metrics": "metrics/fine_tune.json", "plots": "plots/fine_tune.csv",
                    "curves": "plots/learning_curves.png", "report": "reports/fine_tune.json",
                    "live": "dvclive/fine_tune", "tensorboard": "logs/fine_tune"}),
-    "evaluate": ("components.evaluate", {"examples": "artifacts/examples", "model": "artifacts/model",
+    "evaluate": ("components.stages.evaluate", {"examples": "artifacts/examples", "model": "artifacts/model",
                                          "curves": "plots/learning_curves.png"},
                  {"metrics": "metrics/evaluate.json", "confusion": "plots/confusion.csv",
                   "confusion_png": "plots/confusion.png", "report": "reports/evaluate.json",
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "preset":
             return preset(args.params, args.name)
         elif args.command == "pretrain-digits":
-            from components import pretrain
+            from components.stages import pretrain
 
             runtime.configure(42)
             result = pretrain.run(Path(args.out), args.image_size, args.epochs)
@@ -222,7 +222,7 @@ def gate(params_path: str, current: str, baseline: str | None) -> int:
 
 
 def predict(args) -> int:
-    from components import predict as predict_mod
+    from components.stages import predict as predict_mod
     from components.errors import GraftlineError
 
     if args.top_k < 1:
@@ -245,7 +245,7 @@ def preset(params_path: str, name: str | None) -> int:
     line = presets.apply(name, Path(params_path))
     print(f"graftline preset: {params_path} now holds preset {name!r}; run `dvc repro`, or as an experiment:")
     print("\n".join(line))
-    from components.ingest import MADE_BY
+    from components.stages.ingest import MADE_BY
     from pipeline import params as params_mod
 
     source = params_mod.load(params_path).data.source
@@ -256,7 +256,7 @@ def preset(params_path: str, name: str | None) -> int:
 
 
 def scratch(params_path: str) -> dict:
-    from components import scratch as scratch_mod
+    from components.stages import scratch as scratch_mod
     from pipeline import params as params_mod
 
     params = params_mod.load(params_path)

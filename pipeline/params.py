@@ -328,7 +328,7 @@ def _validate(p: Params) -> None:
     if not p.bottleneck.runner:
         _fail("bottleneck.runner", p.bottleneck.runner, "a Beam runner name such as DirectRunner, or dask")
     if p.bottleneck.dask_address:
-        from components.bottleneck import is_dask  # imports Beam: only when a Dask param needs checking
+        from components.beam_runners import is_dask
 
         if not is_dask(p.bottleneck.runner):
             _fail("bottleneck.dask_address", p.bottleneck.dask_address, "'' unless bottleneck.runner is dask")

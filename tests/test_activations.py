@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components import activations, base_models, images, ingest, records
+from components import activations, base_models, datasets, images, records
+from components.stages import ingest
 from conftest import SHARED, require_shared
 from drawing import make_class_tree
 from pipeline import params as params_mod
@@ -71,7 +72,7 @@ def test_the_first_batch_loss_from_cached_activations_is_the_loss_from_the_image
     """Fine-tuning from activations (stored as float16) and from images, augmentation off: one loss."""
     import keras
 
-    from components import fine_tune
+    from components.stages import fine_tune
 
     p, weights, examples = setup
     runtime.configure(p.seed)
@@ -81,7 +82,7 @@ def test_the_first_batch_loss_from_cached_activations_is_the_loss_from_the_image
     front, top, _ = activations.split(classifier.get_layer("feature_extractor"), p.fine_tune_at)
     acts, labels, computed = activations.compute(front, examples, "train", ("identity",), SIZE, {}, 8)
     assert computed == len(labels) == acts.shape[0] > 0
-    pixels = np.concatenate([x.numpy() for x, _ in fine_tune.image_dataset(examples, "train", SIZE, 64)])
+    pixels = np.concatenate([x.numpy() for x, _ in datasets.image_dataset(examples, "train", SIZE, 64)])
     loss = keras.losses.SparseCategoricalCrossentropy()
     from_images = float(loss(labels, classifier(pixels, training=False)))
     from_cached = float(loss(labels, head(top(acts[:, 0].astype(np.float32), training=False))))

@@ -10,7 +10,8 @@ import pytest
 from apache_beam.io.filesystem import BeamIOError, FileMetadata
 from apache_beam.io.localfilesystem import LocalFileSystem
 
-from components import bottleneck, features, ingest, records
+from components import beam_runners, features, records
+from components.stages import bottleneck, ingest
 from drawing import make_class_tree
 from pipeline import params as params_mod
 from pipeline import runtime
@@ -107,7 +108,7 @@ def test_user_flags_override_the_running_mode(weights):
         "data": {"source": "unused", "sha256": ""},
         "bottleneck": {"workers": 4, "beam_options": ["--direct_running_mode=multi_threading"]},
     })
-    flags = bottleneck.beam_flags(params.bottleneck)
+    flags = beam_runners.beam_flags(params.bottleneck)
     assert flags == ["--runner=DirectRunner", "--direct_running_mode=multi_threading"]
 
 
@@ -230,9 +231,9 @@ def test_dask_address_needs_the_dask_runner():
     with pytest.raises(params_mod.ParamsError, match="bottleneck.dask_address"):
         params_mod.from_dict({"data": {"source": "x", "sha256": ""},
                               "bottleneck": {"dask_address": "tcp://10.0.0.1:8786"}})
-    flags = bottleneck.beam_flags(params_mod.from_dict({"data": {"source": "x", "sha256": ""}, "bottleneck": {
+    flags = beam_runners.beam_flags(params_mod.from_dict({"data": {"source": "x", "sha256": ""}, "bottleneck": {
         "runner": "dask", "dask_address": "tcp://10.0.0.1:8786"}}).bottleneck, units=5, dask_address="tcp://10.0.0.1:8786")
-    assert flags == [f"--runner={bottleneck.DASK_RUNNER}", "--dask_client_address=tcp://10.0.0.1:8786",
+    assert flags == [f"--runner={beam_runners.DASK_RUNNER}", "--dask_client_address=tcp://10.0.0.1:8786",
                      "--dask_npartitions=5"]
 
 

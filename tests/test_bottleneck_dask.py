@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import yaml
 
-from components import bottleneck, features, records
+from components import features, records
+from components.stages import bottleneck
 from components.vector_cache import VectorCache
 from conftest import BIN, FLOWERS, copy_repo, run
 from test_bottleneck import all_features as features_of

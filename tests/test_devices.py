@@ -15,7 +15,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from components import devices, train_head
+from components import devices
+from components.stages import train_head
+from components import head as head_lib
 from components.errors import GraftlineError
 from conftest import REPO
 from pipeline import params as params_mod
@@ -84,7 +86,7 @@ def test_head_outputs_float32_under_mixed_precision():
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        head = train_head.build_head(8, 3, 0.2)
+        head = head_lib.build_head(8, 3, 0.2)
         out = head(np.ones((2, 8), np.float32))
         assert head.get_layer("head_dropout").compute_dtype == "float16"  # the policy did apply
         assert head.get_layer("head_dense").compute_dtype == "float32"
@@ -148,7 +150,8 @@ TWO_REPLICAS = textwrap.dedent("""
 
     import keras
     import numpy as np
-    from components import evaluate, export, fine_tune, records, train_head
+    from components import export, records
+    from components.stages import evaluate, fine_tune, train_head
     from components.atomic import write_json
     from drawing import encode, pixels
     from pipeline import params as params_mod, runtime
@@ -185,9 +188,9 @@ TWO_REPLICAS = textwrap.dedent("""
     (work / "labels2.json").write_text(json.dumps(names))
     head_dir = work / "head2"
     head_dir.mkdir()
-    train_head.build_head(1280, 2, 0.2).save(head_dir / train_head.HEAD_FILE)
-    write_json(head_dir / train_head.HEAD_INFO, {"labels": names, "epochs_run": 1})
-    (head_dir / train_head.HEAD_HISTORY).write_text(",".join(train_head.CURVE_COLUMNS) + chr(10))
+    head_lib.build_head(1280, 2, 0.2).save(head_dir / head_lib.HEAD_FILE)
+    write_json(head_dir / head_lib.HEAD_INFO, {"labels": names, "epochs_run": 1})
+    (head_dir / head_lib.HEAD_HISTORY).write_text(",".join(head_lib.CURVE_COLUMNS) + chr(10))
     runtime.configure_devices("fine_tune", p)
     runtime.configure(p.seed)
     ft_out = {"model": work / "model", "metrics": work / "ft.json", "plots": work / "ft.csv",

@@ -1,4 +1,4 @@
-"""components/ingest.py on photos drawn in tmp_path: splits, bad inputs, archives, offline sources."""
+"""components/stages/ingest.py on photos drawn in tmp_path: splits, bad inputs, archives, offline sources."""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components import ingest, records
+from components import records
+from components.stages import ingest
 from components.errors import GraftlineError
 from drawing import draw_photo, make_class_tree, make_tar, pixels, solid, tree_members
 from pipeline import params as params_mod
@@ -70,7 +71,7 @@ def test_split_of_is_stable_when_photos_are_added():
 
 def test_split_of_is_the_same_in_another_process_with_another_hash_seed():
     keys = synthetic_keys(200)
-    code = ("import json, sys; from components.ingest import split_of; "
+    code = ("import json, sys; from components.stages.ingest import split_of; "
             "print(json.dumps([split_of(k, 15, 15, 'salt') for k in json.loads(sys.stdin.read())]))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     result = subprocess.run([sys.executable, "-c", code], input=json.dumps(keys), capture_output=True,
@@ -381,7 +382,7 @@ def test_data_url_is_downloaded_once_to_data_source_and_verified(tmp_path, monke
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    from components import download
+    from components.stages import download
 
     for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)

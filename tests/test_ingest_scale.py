@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 DRIVER = """
 import json, resource, sys
 from pathlib import Path
-from components import ingest
+from components.stages import ingest
 from pipeline import params, runtime
 runtime.configure(0)
 src, out = Path(sys.argv[1]), Path(sys.argv[2])

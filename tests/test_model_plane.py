@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components import base_models, fine_tune, train_head
+from components import base_models
+from components.stages import fine_tune, train_head
+from components import head as head_lib
 from components.errors import GraftlineError
 from pipeline import params as params_mod
 from pipeline import presets, runtime
@@ -50,7 +52,7 @@ def make_params(**overrides):
 def classifier(**overrides):
     params = make_params(**overrides)
     runtime.configure(params.seed)
-    head = train_head.build_head(1280, 3, 0.2)
+    head = head_lib.build_head(1280, 3, 0.2)
     return fine_tune.build_classifier(params, head)
 
 
@@ -113,7 +115,7 @@ def test_upsampled_base_below_its_minimum_is_a_params_error():
 
 
 def test_head_with_hidden_layer_and_auto_class_weights():
-    head = train_head.build_head(16, 3, 0.1, hidden_units=8)
+    head = head_lib.build_head(16, 3, 0.1, hidden_units=8)
     assert [l.name for l in head.layers][1:] == ["head_dropout", "head_hidden", "head_hidden_dropout", "head_dense"]
     weights = train_head.class_weights(np.array([0] * 8 + [1] * 2 + [2] * 10), 3)
     assert weights == pytest.approx({0: 20 / 24, 1: 20 / 6, 2: 20 / 30})
@@ -122,7 +124,7 @@ def test_head_with_hidden_layer_and_auto_class_weights():
 def test_keras_file_base_uses_the_named_layer(tmp_path):
     import keras
 
-    from components import pretrain
+    from components.stages import pretrain
 
     model = pretrain.build_cnn(32, 5)
     model.save(tmp_path / "cnn.keras")

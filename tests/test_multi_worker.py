@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from components import devices, records
+from components import datasets, devices, records
 from components.errors import GraftlineError
 from conftest import BIN, REPO, WEIGHTS_224, Project
 from pipeline import params as params_mod
@@ -247,11 +247,9 @@ def test_two_workers_fine_tune_and_only_the_chief_writes(project: Project, tmp_p
     # The chief's model loads with Keras (components.images registers its layers) and predicts the test photos.
     import keras
 
-    from components import fine_tune
-
     labels = json.loads((roots[0] / "artifacts" / "labels.json").read_text())
     model = keras.saving.load_model(roots[0] / "artifacts" / "model" / "model.keras")
-    photos = np.concatenate([x.numpy() for x, _ in fine_tune.image_dataset(roots[0] / "artifacts" / "examples",
+    photos = np.concatenate([x.numpy() for x, _ in datasets.image_dataset(roots[0] / "artifacts" / "examples",
                                                                             "test", 96, PER_SPLIT["test"])])
     probs = np.asarray(model.predict(photos, verbose=0))
     assert probs.shape == (PER_SPLIT["test"], len(labels))

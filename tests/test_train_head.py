@@ -1,4 +1,4 @@
-"""components/train_head.py (and features.py) on synthetic bottleneck features written as Parquet."""
+"""components/stages/train_head.py (and features.py) on synthetic bottleneck features written as Parquet."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components import features, train_head
+from components import features
+from components.stages import train_head
+from components import head as head_lib
 from components.errors import GraftlineError
 from pipeline import params as params_mod
 from pipeline import runtime
@@ -95,9 +97,9 @@ def test_separable_clusters_are_learned(separable):
 
 def test_outputs_are_written(separable):
     *_, result, outputs = separable
-    assert sorted(p.name for p in outputs["head"].iterdir()) == [train_head.HEAD_INFO, train_head.HEAD_FILE,
-                                                                 train_head.HEAD_HISTORY]
-    info = json.loads((outputs["head"] / train_head.HEAD_INFO).read_text())
+    assert sorted(p.name for p in outputs["head"].iterdir()) == [head_lib.HEAD_INFO, head_lib.HEAD_FILE,
+                                                                 head_lib.HEAD_HISTORY]
+    info = json.loads((outputs["head"] / head_lib.HEAD_INFO).read_text())
     metrics = json.loads(outputs["metrics"].read_text())
     assert info["labels"] == LABELS and info["num_classes"] == 4 and info["feature_width"] == WIDTH
     assert info["best_epoch"] == metrics["best_epoch"] and info["epochs_run"] == metrics["epochs_run"]
@@ -113,7 +115,7 @@ def test_curve_has_one_row_per_epoch_and_best_row_matches_metrics(separable):
     *_, p, _, outputs = separable
     metrics = json.loads(outputs["metrics"].read_text())
     rows = read_curve(outputs["plots"])
-    assert list(rows[0]) == list(train_head.CURVE_COLUMNS)
+    assert list(rows[0]) == list(head_lib.CURVE_COLUMNS)
     assert len(rows) == metrics["epochs_run"]
     assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
     best = rows[metrics["best_epoch"] - 1]
@@ -130,7 +132,7 @@ def test_curve_has_one_row_per_epoch_and_best_row_matches_metrics(separable):
 def evaluate_saved_head(head_dir: Path, bottlenecks: Path) -> tuple[float, float]:
     import keras
 
-    model = keras.saving.load_model(head_dir / train_head.HEAD_FILE)
+    model = keras.saving.load_model(head_dir / head_lib.HEAD_FILE)
     _, y_val, x_val = features.read_split(bottlenecks, "val")
     probs = np.asarray(model.predict(x_val, verbose=0))
     loss = float(np.mean(-np.log(probs[np.arange(len(y_val)), y_val])))

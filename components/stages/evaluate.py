@@ -24,7 +24,7 @@ from components import devices, gate, inference, plots, records, report
 from components.atomic import read_json, write_csv, write_json
 from components.errors import GraftlineError
 from components.export import LABELS_FILE, MODEL_FILE
-from components.fine_tune import image_dataset
+from components.datasets import image_dataset
 
 
 def per_class_scores(actual: np.ndarray, predicted: np.ndarray, labels: list[str]) -> dict:

@@ -32,16 +32,15 @@ import hashlib
 import json
 import shutil
 
-from components import activations, base_models, devices, export, images, plots, records
+from components import activations, base_models, devices, export, images, plots
 from components import callbacks as callbacks_mod
 from components.atomic import atomic_dir, read_json, write_csv, write_json
 from components.fetch import sha256_of
 from components.errors import GraftlineError
 from components.vector_cache import VectorCache
-from components.train_head import (CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, keras_verbosity,
-                                   make_optimizer)
+from components.datasets import augmenter, image_dataset, split_batch_size
+from components.head import CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, keras_verbosity, make_optimizer
 
-SHUFFLE_BUFFER = 2048  # serialized photos held for shuffling; the whole split on small folders
 TFLITE_CHECK_MAX = 256  # test photos the TFLite models are compared with Keras on, one at a time
 CHECKPOINT_STATE = "state.json"
 
@@ -77,51 +76,6 @@ def build_classifier(params, head):
 def unfrozen_layers(params, base) -> int:
     """How many base layers fine_tune_at opened for training (their BatchNorm layers stay frozen)."""
     return 0 if params.fine_tune_at == -1 else max(0, len(base.layers) - params.fine_tune_at)
-
-
-def augmenter(params):
-    """The training-only augmentation layers (None when all are off)."""
-    import keras
-
-    a = params.augment
-    layers = []
-    if a.flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=params.seed))
-    if a.rotation:
-        layers.append(keras.layers.RandomRotation(a.rotation, seed=params.seed))
-    if a.zoom:
-        layers.append(keras.layers.RandomZoom(a.zoom, seed=params.seed))
-    return keras.Sequential(layers, name="augment") if layers else None
-
-
-def image_dataset(examples_dir: Path, split: str, image_size: int, batch_size: int,
-                  shuffle_seed: int | None = None, augment=None, keys: bool = False):
-    """(images [0, 255], labels[, keys]) batches of one split, decoded by the one image path."""
-    import tensorflow as tf
-
-    ds = records.dataset(examples_dir, split)
-    if shuffle_seed is not None:
-        ds = ds.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.map(lambda ex: (images.decode_and_resize(ex[records.IMAGE], image_size), ex[records.LABEL])
-                + ((ex[records.KEY],) if keys else ()),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size)
-    if augment is not None:
-        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE,
-                    deterministic=True)
-    return devices.shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
-
-
-def split_batch_size(examples_dir: Path, split: str, placement: dict) -> int:
-    """The global batch size, made to split evenly over several replicas (see devices.batch_for)."""
-    import tensorflow as tf
-
-    replicas, global_batch = placement["replicas"], placement["global_batch_size"]
-    if replicas == 1:
-        return global_batch  # no need to count the photos
-    paths = [str(p) for p in records.shard_paths(examples_dir, split)]
-    count = int(tf.data.TFRecordDataset(paths, compression_type=records.COMPRESSION).reduce(0, lambda n, _: n + 1))
-    return devices.batch_for(global_batch, replicas, count, f"fine-tune: {split} split")
 
 
 def checkpoint_callback(folder: Path, fingerprint: str, done_rows: list, first_epoch: int):

@@ -5,7 +5,7 @@ much. The base's architecture is re-initialised (``keras.models.clone_model``
 draws fresh weights), topped with the same head, and trained on the train
 split for as many epochs as the head and fine-tuning took together, with
 Adam at 1e-3 (what trains a network from scratch here, as in
-components/pretrain.py; the head's rate may be far too high for a whole
+components/stages/pretrain.py; the head's rate may be far too high for a whole
 network) and the same augmentation. Scored on the
 test split beside the transferred model's accuracy from metrics/evaluate.json.
 """
@@ -18,9 +18,9 @@ import numpy as np
 
 from components import base_models, inference
 from components.atomic import read_json, write_json
-from components.fine_tune import augmenter, image_dataset
+from components.datasets import augmenter, image_dataset
 from components.images import ImagePreprocessing
-from components.train_head import build_head, keras_verbosity, make_optimizer
+from components.head import build_head, keras_verbosity, make_optimizer
 
 SCRATCH_LEARNING_RATE = 1e-3
 

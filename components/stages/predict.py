@@ -15,7 +15,7 @@ import numpy as np
 
 from components.errors import GraftlineError
 from components.export import LABELS_FILE, SAVED_MODEL_DIR
-from components.ingest import check_image, reencoded
+from components.photos import check_image, reencoded
 
 
 def photo_paths(targets: list[str]) -> Iterator[Path]:

@@ -39,13 +39,11 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import socket
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -56,7 +54,9 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from components import base_models, features, images, records
-from components.atomic import atomic_dir, write_json
+from components.atomic import write_json
+from components.beam_runners import beam_flags, dask_scheduler, is_dask, run_to_completion
+from components.publishing import absolute, published
 from components.vector_cache import VectorCache, written
 from components.errors import GraftlineError
 
@@ -69,7 +69,6 @@ if getattr(beam_inference, "resource", True) is None:
 
     beam_inference.resource = _resource
 
-DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 MANIFEST = "manifest.json"
 RECEIPT_SUFFIX = ".receipt.json"
 # Extractors and their tf.functions built in this process, by (model, alpha, image_size,
@@ -86,11 +85,6 @@ def extractor_for(model: str, alpha: float, image_size: int, weights_path: str |
     if key not in _EXTRACTORS:
         _EXTRACTORS[key] = base_models.build_feature_extractor(*key)
     return _EXTRACTORS[key]
-
-
-def is_dask(runner: str) -> bool:
-    """bottleneck.runner names Beam's DaskRunner ('dask' or 'DaskRunner', any case)."""
-    return runner.lower() in ("dask", "daskrunner", DASK_RUNNER.lower())
 
 
 def worker_name() -> str:
@@ -222,70 +216,6 @@ class WritePart(beam.DoFn):
         yield receipt
 
 
-def beam_flags(p, units: int = 0, dask_address: str = "") -> list[str]:
-    """The runner and what graftline derives for it from the params, then the user's flags.
-
-    DirectRunner: the process count from bottleneck.workers. dask: the
-    scheduler, and one task per shard (the DaskRunner's default puts up to 128
-    elements in one task, which would give every shard to one worker).
-    """
-    given = " ".join(p.beam_options)
-    if is_dask(p.runner):
-        flags = [f"--runner={DASK_RUNNER}"] + ([f"--dask_client_address={dask_address}"] if dask_address else [])
-        if units and "dask_npartitions" not in given and "dask_partition_size" not in given:
-            flags.append(f"--dask_npartitions={units}")
-        return flags + list(p.beam_options)
-    flags = [f"--runner={p.runner}"]
-    if p.runner == "DirectRunner" and p.workers > 1 and "direct_running_mode" not in given:
-        flags += ["--direct_running_mode=multi_processing", f"--direct_num_workers={p.workers}"]
-    return flags + list(p.beam_options)
-
-
-def absolute(location: str) -> str:
-    """A local path made absolute (workers do not share the client's working folder); URLs unchanged."""
-    return location if "://" in location else os.path.abspath(location)
-
-
-@contextlib.contextmanager
-def dask_scheduler(p) -> Iterator[str]:
-    """bottleneck.dask_address, or a local cluster of bottleneck.workers processes for the run."""
-    if p.dask_address:
-        yield p.dask_address
-        return
-    try:
-        from distributed import LocalCluster
-    except ImportError as e:
-        raise GraftlineError("bottleneck.runner: dask needs Dask's scheduler: pip install 'dask[distributed]'") from e
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # not a line per worker start and stop
-    with LocalCluster(n_workers=p.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        yield cluster.scheduler_address
-
-
-@contextlib.contextmanager
-def published(out: str) -> Iterator[str]:
-    """A staging folder for the parts; on success it becomes ``out``, on failure it is removed.
-
-    Local: a temporary folder renamed over ``out`` at once. Other filesystems
-    (gs://, s3://) have no folder rename: the old files go, the parts are
-    renamed one by one, and the manifest, written last, marks the output complete.
-    """
-    if "://" not in out:
-        with atomic_dir(Path(out)) as tmp:
-            yield str(tmp.resolve())
-        return
-    staging = f"{out.rstrip('/')}.staging-{uuid.uuid4().hex[:12]}"
-    try:
-        yield staging
-        if FileSystems.exists(out):
-            FileSystems.delete([out])
-        FileSystems.mkdirs(out)  # a no-op on object stores
-        moved = [m.path for m in FileSystems.match([FileSystems.join(staging, "*")])[0].metadata_list]
-        FileSystems.rename(moved, [FileSystems.join(out, m.rsplit("/", 1)[-1]) for m in moved])
-    finally:
-        with contextlib.suppress(Exception):
-            FileSystems.delete([staging])
-
-
 def run(params, inputs: dict, outputs: dict) -> dict:
     """inputs: examples. outputs: bottlenecks (folder of Parquet parts and manifest.json), report (JSON)."""
     started = time.time()
@@ -322,7 +252,7 @@ def run(params, inputs: dict, outputs: dict) -> dict:
              | "Read shard" >> beam.ParDo(ReadShard(cache))
              | "Features" >> RunInference(handler.with_no_batching())  # one model load per worker
              | "Write part" >> beam.ParDo(WritePart(cache, folder, width)))
-        _run_to_completion(pipeline, p, address, out)
+        run_to_completion(pipeline, p, address, out)
         receipts = _collect_receipts(folder, units, p.runner, out)
         manifest = {"feature_width": width, "parts": [
             {k: r[k] for k in ("part", "split", "rows")} for r in receipts]}
@@ -353,30 +283,6 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     }
     write_json(Path(outputs["report"]), report)
     return report
-
-
-def _run_to_completion(pipeline, p, address: str, out: str) -> None:
-    """Run and wait; a runner's failure becomes one line naming the runner and what to do."""
-    try:
-        result = pipeline.run()
-    except OSError as e:  # the DaskRunner connects to the scheduler in run()
-        if is_dask(p.runner):
-            raise GraftlineError(f"bottleneck: cannot reach the Dask scheduler at {address} "
-                                 f"(bottleneck.dask_address): {e}") from e
-        raise
-    try:
-        result.wait_until_finish()
-    except Exception as e:
-        if not is_dask(p.runner):
-            raise
-        raise GraftlineError(
-            f"bottleneck: the Dask run failed ({type(e).__name__}: {e}); nothing was written to {out}. "
-            "Features already computed stay in the cache, so a re-run resumes. If workers died, give them "
-            "more memory or make shards smaller (data.shard_size): a worker holds one shard's photos") from e
-    finally:
-        client = getattr(result, "client", None)  # the DaskRunner's client, left open by Beam
-        if client is not None:
-            client.close()
 
 
 def _collect_receipts(folder: str, units: list, runner: str, out: str) -> list[dict]:

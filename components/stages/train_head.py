@@ -10,7 +10,6 @@ train/val loss and accuracy), ``plots`` (one CSV row per epoch), ``report``
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -18,38 +17,10 @@ from components import callbacks as callbacks_mod
 from components import devices, features
 from components.atomic import atomic_dir, read_json, write_csv, write_json
 from components.errors import GraftlineError
+from components.head import (CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, build_head, curve_rows,
+                             keras_verbosity, make_optimizer)
 
-HEAD_FILE = "head.keras"
-HEAD_INFO = "head.json"
-HEAD_HISTORY = "history.csv"
-CURVE_COLUMNS = ("epoch", "accuracy", "loss", "val_accuracy", "val_loss")
 VAL_BATCH_SIZE = 32  # Keras' default for validation arrays
-
-
-def make_optimizer(name: str, learning_rate: float):
-    import keras
-
-    return {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop,
-            "sgd": keras.optimizers.SGD}[name](learning_rate=learning_rate)
-
-
-def build_head(feature_width: int, num_classes: int, dropout: float, hidden_units: int = 0):
-    """Dropout + Dense softmax, with an optional ReLU hidden layer (and its own dropout) between."""
-    import keras
-
-    inputs = keras.Input((feature_width,), name="features")
-    x = keras.layers.Dropout(dropout, name="head_dropout")(inputs)
-    if hidden_units:
-        x = keras.layers.Dense(hidden_units, activation="relu", name="head_hidden")(x)
-        x = keras.layers.Dropout(dropout, name="head_hidden_dropout")(x)
-    # float32 whatever the global policy: under mixed precision a float16 softmax loses small probabilities.
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="head_dense", dtype="float32")(x)
-    return keras.Model(inputs, outputs, name="head")
-
-
-def keras_verbosity() -> int:
-    """A live bar on a terminal, one line per epoch in logs (DVC, CI)."""
-    return 1 if sys.stdout.isatty() else 2
 
 
 def class_weights(labels, num_classes: int) -> dict[int, float]:
@@ -58,11 +29,6 @@ def class_weights(labels, num_classes: int) -> dict[int, float]:
 
     counts = np.bincount(labels, minlength=num_classes)
     return {c: float(len(labels) / (num_classes * n)) if n else 0.0 for c, n in enumerate(counts)}
-
-
-def curve_rows(history: dict, first_epoch: int) -> list[list]:
-    n = len(history["loss"])
-    return [[first_epoch + i] + [round(float(history[c][i]), 6) for c in CURVE_COLUMNS[1:]] for i in range(n)]
 
 
 def run(params, inputs: dict, outputs: dict) -> dict:
