@@ -1,5 +1,6 @@
-"""The classification head and its files, shared by train-head (which trains it on cached features),
-fine-tune (which puts it on the base) and the scratch control.
+"""The classification head, its files, and how the training stages train: shared by train-head
+(which trains the head on cached features), fine-tune (which puts it on the base) and the scratch
+control. Early stopping and the choice of the epoch whose figures are reported live here, once.
 
 A head folder holds HEAD_FILE (the Keras model), HEAD_INFO (labels, epochs) and HEAD_HISTORY (its
 learning curve, CURVE_COLUMNS, from which fine-tune draws the joined curves).
@@ -41,5 +42,22 @@ def keras_verbosity() -> int:
 
 
 def curve_rows(history: dict, first_epoch: int) -> list[list]:
+    """Keras' History as CURVE_COLUMNS rows, epochs numbered from ``first_epoch``."""
     n = len(history["loss"])
     return [[first_epoch + i] + [round(float(history[c][i]), 6) for c in CURVE_COLUMNS[1:]] for i in range(n)]
+
+
+def early_stopping(patience: int) -> list:
+    """Both training stages' rule: stop when val loss has not improved for ``patience`` epochs and
+    keep the best epoch's weights (no callback when patience is 0: every epoch runs, the last is kept)."""
+    import keras
+
+    return [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+            ] if patience else []
+
+
+def best_row(rows: list[list], patience: int) -> list:
+    """The curve row whose weights early_stopping(patience) kept: the lowest val loss (the first of
+    equals, as Keras keeps it), or the last row without early stopping."""
+    val_loss = CURVE_COLUMNS.index("val_loss")
+    return min(rows, key=lambda row: row[val_loss]) if patience else rows[-1]

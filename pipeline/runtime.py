@@ -77,7 +77,7 @@ def configure_training(train) -> None:
     gRPC server and joins the cluster); the stage gets the same one back from
     components.devices.strategy.
     """
-    from components import devices
+    from components import devices, multi_worker
     from components.errors import GraftlineError
 
     cluster, device = check_training(train)
@@ -97,9 +97,9 @@ def configure_training(train) -> None:
         ) from None
     if cluster:
         task = cluster["task"]
-        print(f"train.strategy multi_worker: {task['type']}:{task['index']} of {devices.worker_count(cluster)} "
+        print(f"train.strategy multi_worker: {task['type']}:{task['index']} of {multi_worker.worker_count(cluster)} "
               "workers (TF_CONFIG); waiting until every one has joined", flush=True)
-        devices.multi_worker()
+        multi_worker.multi_worker()
     keras.mixed_precision.set_global_policy(devices.choose_policy(train.mixed_precision, device))
 
 
@@ -109,9 +109,9 @@ def check_training(train) -> tuple[dict | None, str]:
     A missing or bad TF_CONFIG fails first, before TensorFlow's import; a GPU asked for and not
     there fails next. Both come before the stage looks for its inputs: no input fixes them.
     """
-    from components import devices
+    from components import devices, multi_worker
 
-    cluster = devices.tf_config(os.environ.get("TF_CONFIG")) if train.strategy == "multi_worker" else None
+    cluster = multi_worker.tf_config(os.environ.get("TF_CONFIG")) if train.strategy == "multi_worker" else None
     import tensorflow as tf
     return cluster, devices.choose_device(train.device, len(tf.config.list_physical_devices("GPU")))
 

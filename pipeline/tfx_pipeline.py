@@ -69,7 +69,7 @@ def _call(stage: str, params_json: str, inputs: dict, outputs: dict) -> dict:
     # training components only (compile_spec).
     runtime.configure_devices(stage, params, own_process=False)
     runtime.configure(params.seed)
-    run = importlib.import_module(f"components.{stage}").run
+    run = importlib.import_module(f"components.stages.{stage}").run
     return run(params, {k: Path(v) for k, v in inputs.items()}, {k: Path(v) for k, v in outputs.items()})
 
 

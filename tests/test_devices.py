@@ -151,6 +151,7 @@ TWO_REPLICAS = textwrap.dedent("""
     import keras
     import numpy as np
     from components import export, records
+    from components import head as head_lib
     from components.stages import evaluate, fine_tune, train_head
     from components.atomic import write_json
     from drawing import encode, pixels
@@ -204,8 +205,9 @@ TWO_REPLICAS = textwrap.dedent("""
     runtime.configure_devices("evaluate", p, own_process=False)
     runtime.configure(p.seed)
     ev_out = {"metrics": work / "ev.json", "confusion": work / "confusion.csv",
-              "confusion_png": work / "confusion.png", "report": work / "ev-report.json"}
-    out["evaluate"] = evaluate.run(p, {"examples": examples, "model": work / "model"}, ev_out)
+              "confusion_png": work / "confusion.png", "report": work / "ev-report.json", "html": work / "ev.html"}
+    out["evaluate"] = evaluate.run(p, {"examples": examples, "model": work / "model", "curves": work / "curves.png"},
+                                   ev_out)
     out["policy_after_evaluate_setup"] = keras.mixed_precision.global_policy().name
     print("RESULT " + json.dumps(out, default=str))
 """)

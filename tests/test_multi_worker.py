@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from components import datasets, devices, records
+from components import datasets, devices, multi_worker, records
 from components.errors import GraftlineError
 from conftest import BIN, REPO, WEIGHTS_224, Project
 from pipeline import params as params_mod
@@ -38,15 +38,15 @@ def config(cluster: dict, task_type: str, index) -> str:
     ({"worker": ["a:1"]}, "worker", 0, True),
 ])
 def test_tf_config_names_the_chief(cluster, task_type, index, chief):
-    parsed = devices.tf_config(config(cluster, task_type, index))
+    parsed = multi_worker.tf_config(config(cluster, task_type, index))
     assert parsed["task"] == {"type": task_type, "index": index}
-    assert devices.is_chief(parsed) is chief
-    assert devices.worker_count(parsed) == sum(len(v) for v in cluster.values())
+    assert multi_worker.is_chief(parsed) is chief
+    assert multi_worker.worker_count(parsed) == sum(len(v) for v in cluster.values())
 
 
 def test_an_evaluator_is_not_counted_as_a_worker():
-    parsed = devices.tf_config(config({**TWO, "evaluator": ["e:1"]}, "worker", 1))
-    assert devices.worker_count(parsed) == 2 and not devices.is_chief(parsed)
+    parsed = multi_worker.tf_config(config({**TWO, "evaluator": ["e:1"]}, "worker", 1))
+    assert multi_worker.worker_count(parsed) == 2 and not multi_worker.is_chief(parsed)
 
 
 @pytest.mark.parametrize("text, why", [
@@ -66,7 +66,7 @@ def test_an_evaluator_is_not_counted_as_a_worker():
 ])
 def test_missing_or_bad_tf_config_is_one_line_naming_the_key_and_what_to_set(text, why):
     with pytest.raises(GraftlineError) as info:
-        devices.tf_config(text)
+        multi_worker.tf_config(text)
     message = str(info.value)
     assert "train.strategy = 'multi_worker'" in message and "TF_CONFIG" in message and why in message
     assert '"cluster": {"worker": ["host1:port", "host2:port"]}' in message  # what to set
@@ -80,11 +80,11 @@ def test_one_process_strategies_keep_their_outputs_and_report_one_worker():
         found = devices.placement(strategy, 8)
         assert found["strategy"] == name and found["replicas"] == 1 and found["devices"] == ["/device:CPU:0"]
         assert found["global_batch_size"] == 8 and "workers" not in found  # reports as before
-        assert devices.role(strategy) == {"workers": 1, "chief": True}
+        assert multi_worker.role(strategy) == {"workers": 1, "chief": True}
         outputs = {"metrics": Path("metrics/x.json")}
-        with devices.worker_outputs(strategy, outputs, "test") as written:
+        with multi_worker.worker_outputs(strategy, outputs, "test") as written:
             assert written is outputs
-        assert devices.same_on_every_worker(strategy, 3)
+        assert multi_worker.same_on_every_worker(strategy, 3)
 
 
 def test_multi_worker_after_tensorflow_started_is_one_clear_line(monkeypatch):
@@ -235,8 +235,11 @@ def test_two_workers_fine_tune_and_only_the_chief_writes(project: Project, tmp_p
     cached = [[p for p in files_under(root) - inputs if p.startswith("data/feature_cache/")] for root in roots]
     assert all(cached) and all(p.endswith(".f16") for c in cached for p in c)
     written = [sorted(files_under(root) - inputs - set(c)) for root, c in zip(roots, cached)]
-    assert [p for p in written[0] if not p.startswith("artifacts/model/")] == CHIEF_OUTPUTS
+    assert [p for p in written[0] if not p.startswith(("artifacts/model/", "dvclive/", "logs/"))] == CHIEF_OUTPUTS
     assert "artifacts/model/model.keras" in written[0]
+    # and the epoch logs (DVCLive's, TensorBoard's): the chief's only
+    assert "dvclive/fine_tune/metrics.json" in written[0]
+    assert any(p.startswith("logs/fine_tune/") and "tfevents" in p for p in written[0])
     assert written[1] == [], "the non-chief wrote into its project folder"
     assert not (roots[0] / "data" / "checkpoints" / "fine_tune").exists()
     for index in range(2):  # the non-chief removed its copies; the chief never made any

@@ -32,14 +32,15 @@ import hashlib
 import json
 import shutil
 
-from components import activations, base_models, devices, export, images, plots
+from components import activations, base_models, devices, export, images, multi_worker, plots
 from components import callbacks as callbacks_mod
 from components.atomic import atomic_dir, read_json, write_csv, write_json
 from components.fetch import sha256_of
 from components.errors import GraftlineError
 from components.vector_cache import VectorCache
 from components.datasets import augmenter, image_dataset, split_batch_size
-from components.head import CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, keras_verbosity, make_optimizer
+from components.head import (CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, best_row, early_stopping,
+                             keras_verbosity, make_optimizer)
 
 TFLITE_CHECK_MAX = 256  # test photos the TFLite models are compared with Keras on, one at a time
 CHECKPOINT_STATE = "state.json"
@@ -147,12 +148,12 @@ def run(params, inputs: dict, outputs: dict) -> dict:
 
     With several workers (train.strategy: multi_worker) every worker trains,
     checkpoints and exports, but only the chief's files land in ``outputs`` and
-    ``inputs["checkpoints"]`` (devices.worker_outputs); the others' go to a
+    ``inputs["checkpoints"]`` (multi_worker.worker_outputs); the others' go to a
     temporary folder that is removed at the end.
     """
     # Device setup was done by the adapter (pipeline/runtime.py); here it is only read.
     strategy = devices.strategy(params.train.strategy)
-    with devices.worker_outputs(strategy, {**outputs, "checkpoints": inputs["checkpoints"]}, "fine-tune") as written:
+    with multi_worker.worker_outputs(strategy, {**outputs, "checkpoints": inputs["checkpoints"]}, "fine-tune") as written:
         return train_and_save(params, inputs, written, strategy)
 
 
@@ -178,7 +179,7 @@ def train_and_save(params, inputs: dict, outputs: dict, strategy) -> dict:
     # A non-chief worker reads the chief's checkpoints (shared storage) and writes its own to a temporary folder.
     resume = last_checkpoint(Path(inputs["checkpoints"]), fingerprint) if f.epochs > 0 else None
     done_rows = read_json(resume / CHECKPOINT_STATE)["rows"] if resume else []
-    if not devices.same_on_every_worker(strategy, len(done_rows)):
+    if not multi_worker.same_on_every_worker(strategy, len(done_rows)):
         # Workers must build the same variables and run the same epochs, or the collectives hang.
         print(f"fine-tune: starting over on every worker: they found different checkpoints (this one: "
               f"{resume or 'none'}); to resume, keep the checkpoints folder on storage every worker reads")
@@ -202,9 +203,7 @@ def train_and_save(params, inputs: dict, outputs: dict, strategy) -> dict:
     if trained_now:
         callbacks.append(checkpoint_callback(checkpoints, fingerprint, done_rows, first_epoch))
         callbacks += callbacks_mod.epoch_loggers(outputs, resumed=bool(resume))
-        if f.early_stopping_patience:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=f.early_stopping_patience, restore_best_weights=True))
+        callbacks += early_stopping(f.early_stopping_patience)
 
     # 3. Train: from cached activations of the frozen part, or on the images every epoch.
     cached = {}
@@ -225,8 +224,7 @@ def train_and_save(params, inputs: dict, outputs: dict, strategy) -> dict:
         rows = done_rows
         # Early stopping restores the best val-loss epoch of this session (a resumed run starts its own).
         session = rows[resumed_after:] if trained_now else rows[-1:]
-        val_loss_column = CURVE_COLUMNS.index("val_loss")
-        chosen = min(session, key=lambda row: row[val_loss_column]) if f.early_stopping_patience else rows[-1]
+        chosen = best_row(session, f.early_stopping_patience)  # session ends with rows[-1]
         final = dict(zip(CURVE_COLUMNS[1:], chosen[1:]))
         best_epoch = chosen[0]
         if "kept_base_and_head" in cached:  # no epoch improved on val loss: what train-head made, unchanged

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 from components import callbacks as callbacks_mod
-from components import devices, features
+from components import devices, features, multi_worker
 from components.atomic import atomic_dir, read_json, write_csv, write_json
 from components.errors import GraftlineError
-from components.head import (CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, build_head, curve_rows,
-                             keras_verbosity, make_optimizer)
+from components.head import (CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, best_row, build_head, curve_rows,
+                             early_stopping, keras_verbosity, make_optimizer)
 
 VAL_BATCH_SIZE = 32  # Keras' default for validation arrays
 
@@ -35,18 +35,16 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     """inputs: bottlenecks, labels. outputs: head (folder), metrics (JSON), plots (CSV), report (JSON).
 
     With several workers (train.strategy: multi_worker) every worker trains and
-    saves, but only the chief's files land in ``outputs`` (devices.worker_outputs).
+    saves, but only the chief's files land in ``outputs`` (multi_worker.worker_outputs).
     """
     # Device setup was done by the adapter (pipeline/runtime.py); here it is only read.
     strategy = devices.strategy(params.train.strategy)
-    with devices.worker_outputs(strategy, outputs, "train-head") as written:
+    with multi_worker.worker_outputs(strategy, outputs, "train-head") as written:
         return train_and_save(params, inputs, written, strategy)
 
 
 def train_and_save(params, inputs: dict, outputs: dict, strategy) -> dict:
     """run's work in the given distribution strategy, writing to ``outputs``."""
-    import keras
-    import numpy as np
     import tensorflow as tf
 
     started = time.time()
@@ -67,34 +65,27 @@ def train_and_save(params, inputs: dict, outputs: dict, strategy) -> dict:
     batches = devices.shard_by_data(tf.data.Dataset.from_tensor_slices((x_train, y_train))
                                     .shuffle(len(x_train), seed=params.seed, reshuffle_each_iteration=True)
                                     .batch(batch_size))
-    callbacks = callbacks_mod.epoch_loggers(outputs)
-    if p.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=p.early_stopping_patience, restore_best_weights=True))
+    callbacks = callbacks_mod.epoch_loggers(outputs) + early_stopping(p.early_stopping_patience)
     val_batch_size = devices.batch_for(VAL_BATCH_SIZE * replicas, replicas, len(x_val), "train-head: val split")
     weights = class_weights(y_train, len(labels)) if p.class_weights == "auto" else None
     fit = head.fit(batches, validation_data=(x_val, y_val), epochs=p.epochs, shuffle=False,  # shuffled above
                    validation_batch_size=val_batch_size, class_weight=weights, callbacks=callbacks,
                    verbose=keras_verbosity())
-    history = fit.history
-    epochs_run = len(history["loss"])
+    rows = curve_rows(fit.history, 1)
+    epochs_run = len(rows)
     # With early stopping the weights are the best epoch's, and so are the reported figures.
-    best = int(np.argmin(history["val_loss"])) if p.early_stopping_patience else epochs_run - 1
+    best = best_row(rows, p.early_stopping_patience)
 
-    info = {"epochs_run": epochs_run, "best_epoch": best + 1, "feature_width": int(x_train.shape[1]),
+    info = {"epochs_run": epochs_run, "best_epoch": best[0], "feature_width": int(x_train.shape[1]),
             "num_classes": len(labels), "labels": labels}
-    rows = curve_rows(history, 1)
     with atomic_dir(Path(outputs["head"])) as tmp:
         head.save(tmp / HEAD_FILE)
         write_json(tmp / HEAD_INFO, info)
         write_csv(tmp / HEAD_HISTORY, CURVE_COLUMNS, rows)  # fine-tune draws the joined curves from it
     write_csv(Path(outputs["plots"]), CURVE_COLUMNS, rows)
     metrics = {
-        "accuracy": round(float(history["accuracy"][best]), 6),
-        "loss": round(float(history["loss"][best]), 6),
-        "val_accuracy": round(float(history["val_accuracy"][best]), 6),
-        "val_loss": round(float(history["val_loss"][best]), 6),
-        "best_epoch": best + 1,
+        **dict(zip(CURVE_COLUMNS[1:], best[1:])),  # accuracy, loss, val_accuracy, val_loss
+        "best_epoch": best[0],
         "epochs_run": epochs_run,
         "num_train": int(len(x_train)),
         "num_val": int(len(x_val)),
