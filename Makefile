@@ -42,7 +42,8 @@ plots: setup
 # 1. refuse training outputs that are missing or that this commit's code and params would not make;
 # 2. re-run evaluation only, with metrics/ and plots/ moved aside so it writes them anew
 #    (--single-item: the training stages' moved metrics must not make DVC retrain; --force: not
-#    restored from DVC's run cache), then put back the moved files it did not rewrite;
+#    restored from DVC's run cache), then put back the moved files it did not rewrite (fine-tune's
+#    learning curves stay: the evaluation page shows them);
 # 3. `graftline gate`: evaluate.thresholds, and accuracy against BASELINE (a metrics file;
 #    default: $(BASELINE_REF):metrics/evaluate.json when that exists, else thresholds only).
 BASELINE ?=
@@ -51,6 +52,7 @@ ci-evaluate:
 	@$(RUN) dvc status --quiet --with-deps fine_tune || { echo "ci-evaluate: the training outputs are missing or stale (see dvc status --with-deps fine_tune): dvc pull them, or train and dvc push (train.yml)" >&2; exit 1; }
 	@set -e; aside=$$(mktemp -d); trap 'st=$$?; cp -Rpn "$$aside"/. . || true; rm -rf "$$aside"; exit $$st' EXIT; \
 	for d in metrics plots; do if [ -e $$d ]; then mv $$d "$$aside"/; fi; done; \
+	if [ -e "$$aside"/plots/learning_curves.png ]; then mkdir -p plots; cp -p "$$aside"/plots/learning_curves.png plots/; fi; \
 	$(RUN) dvc repro --single-item --force evaluate
 	@base="$(BASELINE)"; \
 	if [ -z "$$base" ] && git cat-file -e "$(BASELINE_REF):metrics/evaluate.json" 2>/dev/null; then \

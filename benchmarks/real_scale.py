@@ -33,12 +33,14 @@ import tarfile
 import tempfile
 import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tests"))  # loopback.serve: the URL path over 127.0.0.1, as the tests run it
+
+from loopback import serve  # noqa: E402
 STAGE_REPORTS = {"download": None, "ingest": "reports/ingest.json", "bottleneck": "reports/bottleneck.json",
                  "train_head": "reports/train_head.json", "fine_tune": "reports/fine_tune.json",
                  "evaluate": "reports/evaluate.json"}
@@ -83,14 +85,6 @@ def pack(photos: Path, archive: Path) -> str:
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(photos, arcname="flower_photos")
     return hashlib.sha256(archive.read_bytes()).hexdigest()
-
-
-def serve(folder: Path) -> ThreadingHTTPServer:
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *a, **k: None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def set_key(params: dict, dotted: str, value) -> None:

@@ -65,6 +65,8 @@ def test_ci_evaluate_reruns_only_evaluation_and_gets_the_first_runs_figures(ci, 
         assert (ci / rel).read_bytes() == (project.first / rel).read_bytes(), rel
     accuracy = load(project.first / "metrics/evaluate.json")["accuracy"]
     assert f"graftline gate: passed: accuracy = {accuracy}; baseline {accuracy}, evaluate.max_drop = 0.02" in output
+    # The evaluation page is the first run's, curves included (fine-tune's PNG stays in place).
+    assert (ci / "reports/evaluate.html").read_bytes() == (project.first / "reports/evaluate.html").read_bytes()
     # Nothing else changed: only the report (its wall time) and, in dvc.lock, that report's hash.
     changed = subprocess.run(["git", "status", "--porcelain"], cwd=ci, capture_output=True, text=True).stdout
     assert set(changed.split()) <= {"M", "dvc.lock", "reports/evaluate.json"}, changed

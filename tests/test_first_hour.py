@@ -2,7 +2,6 @@
 nothing left behind after a kill (SIGKILL, SIGTERM, SIGINT) of a real stage process."""
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -10,9 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ import yaml
 from components import fetch
 from components.errors import GraftlineError
 from drawing import make_class_tree, make_tar, tree_members
+from loopback import serve
 
 BIN = Path(sys.executable).parent
 
@@ -228,14 +226,6 @@ def test_train_head_after_ingest_only_names_the_bottleneck(tmp_path):
 
 
 # ------------------------------------------------------------------ 5. download failures
-
-
-def serve(folder: Path) -> ThreadingHTTPServer:
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *a, **k: None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 @pytest.fixture()

@@ -378,11 +378,8 @@ def test_archive_with_wrong_sha256_is_refused(tmp_path):
 
 def test_data_url_is_downloaded_once_to_data_source_and_verified(tmp_path, monkeypatch):
     """The URL path over loopback: data.url served by a real HTTP server, saved to data.source, sha256 checked."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
     from components.stages import download
+    from loopback import serve
 
     for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
@@ -390,9 +387,7 @@ def test_data_url_is_downloaded_once_to_data_source_and_verified(tmp_path, monke
     served.mkdir()
     tree = make_class_tree(tmp_path / "drawn", {"cats": 6, "dogs": 6})
     archive = make_tar(served / "photos.tgz", tree_members(tree, "photos/"))
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(served))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve(served)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/photos.tgz"
         source = tmp_path / "download" / "photos.tgz"
