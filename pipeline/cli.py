@@ -1,7 +1,6 @@
-"""`graftline STAGE`: read params.yaml, call components.<stage>.run with the DVC layout's paths.
+"""`graftline STAGE`: read params.yaml, call components.stages.<stage>.run with the DVC layout's paths.
 
-Paths here are the contract with dvc.yaml: each stage's deps and outs there
-are exactly the inputs and outputs below.
+The paths are pipeline/stages.py's, from which dvc.yaml is generated.
 """
 from __future__ import annotations
 
@@ -14,31 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import console, runtime  # runtime quiets TensorFlow before it is imported
+from pipeline import console, runtime, stages  # runtime quiets TensorFlow before it is imported
 
-# stage -> (module, inputs, outputs), paths relative to the project folder.
-STAGES = {
-    "download": ("components.stages.download", {}, {"folder": "data/download"}),
-    "ingest": ("components.stages.ingest", {"downloads": "data/download", "extract_dir": "data/raw"},
-               {"examples": "artifacts/examples", "labels": "artifacts/labels.json",
-                "report": "reports/ingest.json"}),
-    "bottleneck": ("components.stages.bottleneck", {"examples": "artifacts/examples"},
-                   {"bottlenecks": "artifacts/bottlenecks", "report": "reports/bottleneck.json"}),
-    "train-head": ("components.stages.train_head", {"bottlenecks": "artifacts/bottlenecks", "labels": "artifacts/labels.json"},
-                   {"head": "artifacts/head", "metrics": "metrics/train_head.json",
-                    "plots": "plots/train_head.csv", "report": "reports/train_head.json",
-                    "live": "dvclive/train_head", "tensorboard": "logs/train_head"}),
-    "fine-tune": ("components.stages.fine_tune", {"examples": "artifacts/examples", "labels": "artifacts/labels.json",
-                                           "head": "artifacts/head", "checkpoints": "data/checkpoints/fine_tune"},
-                  {"model": "artifacts/model", "metrics": "metrics/fine_tune.json", "plots": "plots/fine_tune.csv",
-                   "curves": "plots/learning_curves.png", "report": "reports/fine_tune.json",
-                   "live": "dvclive/fine_tune", "tensorboard": "logs/fine_tune"}),
-    "evaluate": ("components.stages.evaluate", {"examples": "artifacts/examples", "model": "artifacts/model",
-                                         "curves": "plots/learning_curves.png"},
-                 {"metrics": "metrics/evaluate.json", "confusion": "plots/confusion.csv",
-                  "confusion_png": "plots/confusion.png", "report": "reports/evaluate.json",
-                  "html": "reports/evaluate.html"}),
-}
+# stage -> (module, inputs, outputs), paths relative to the project folder: pipeline/stages.py's
+# table, which dvc.yaml is generated from (check-params validates params alone: no paths).
+STAGES = {command: (stage.module, stages.paths(stage.inputs), stages.paths(stage.outputs))
+          for command, stage in stages.STAGES.items() if command != "check-params"}
 
 WITHOUT_TENSORFLOW = ("download", "ingest")  # stages that never import it (seconds saved on every run)
 
@@ -58,8 +38,9 @@ SUMMARY_KEYS = ("page", "downloaded", "num_examples", "num_skipped", "num_duplic
                 "strategy", "replicas", "workers", "task", "chief", "mixed_precision", "wall_time_s")
 
 
-# Inputs a stage reads if they are there (caches, checkpoints), not another stage's outputs.
-OPTIONAL_INPUTS = {"downloads", "extract_dir", "checkpoints", "curves"}
+# Inputs a stage reads if they are there (caches, checkpoints, the curves the evaluation page shows):
+# those DVC does not track.
+OPTIONAL_INPUTS = {name for stage in stages.STAGES.values() for name, io in stage.inputs.items() if not io.declared}
 
 
 def missing_input(stage: str, inputs: dict) -> str | None:

@@ -1,7 +1,11 @@
-"""Typed params: the only place that knows defaults and constraints.
+"""Typed params: the only place that knows defaults, help and constraints.
 
-``load(path)`` reads params.yaml, rejects unknown keys (``dvc exp run -S``
-accepts misspellings silently, so this is where they are caught), fills
+Each section is a frozen dataclass whose fields say, next to each other, their
+default, their help (the README's params table is generated from it:
+``python -m pipeline.params --readme``) and what values they allow; a section's
+``check`` holds the rules that tie several of its fields (or other sections)
+together. ``load(path)`` reads params.yaml, rejects unknown keys (``dvc exp run
+-S`` accepts misspellings silently, so this is where they are caught), fills
 defaults and checks every value before any stage does work. Errors name the
 key, the value and what is allowed.
 """
@@ -10,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from components.errors import GraftlineError
 from components.fetch import DOWNLOAD_DIR
@@ -21,6 +26,7 @@ FLOWERS_URL = "http://download.tensorflow.org/example_images/flower_photos.tgz"
 FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 # Metrics of metrics/evaluate.json that evaluate.thresholds may gate on.
 GATED_METRICS = ("accuracy", "macro_f1")
 
@@ -29,144 +35,229 @@ class ParamsError(GraftlineError):
     pass
 
 
-@dataclass(frozen=True)
-class DataParams:
-    # A folder of class folders, or a .tgz/.tar.gz/.zip archive (a local path; DVC tracks its contents).
-    source: str = f"{DOWNLOAD_DIR}/flower_photos.tgz"
-    # Downloaded once to data.source when data.source lies in data/download/ ('' = nothing to download).
-    url: str = FLOWERS_URL
-    # sha256 of an archive source ("" = not checked); ignored for folders.
-    sha256: str = FLOWERS_SHA256
-    val_percent: float = 15.0
-    test_percent: float = 15.0
-    # Changing the salt reshuffles every photo's split; keep it fixed.
-    split_salt: str = ""
-    shard_size: int = 1000
-    min_per_class: int = 2
-    # Processes that check photos in parallel; 0 = one per core.
-    workers: int = 0
-    # The same photo under two classes: drop (keep no copy) | keep_first (the first path's class).
-    label_conflicts: str = "drop"
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ParamsError(f"params: {key} = {value!r} is not allowed; expected {allowed}")
+
+
+def param(default: Any, help: str, ok: Callable[[Any], bool] | None = None, allowed: str = "",
+          choices: tuple[str, ...] = ()) -> Any:
+    """A field with its help (one README table row) and its rule: ``ok(value)``, or one of ``choices``;
+    ``allowed`` says what passes, in the error. A dict or tuple default is copied per instance."""
+    if choices:
+        ok, allowed = (lambda value: value in choices), allowed or " | ".join(choices)
+    meta = {"help": help, "ok": ok, "allowed": allowed}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def at_least(minimum: int, note: str = "") -> dict:
+    return {"ok": lambda v: v >= minimum, "allowed": f"an integer >= {minimum}{note}"}
+
+
+# Rules both training stages' sections share.
+RATE = {"ok": lambda v: 0 < v < 1, "allowed": "a number > 0 and < 1"}
+OPTIMIZER = {"allowed": f"one of {', '.join(OPTIMIZERS)}", "choices": OPTIMIZERS}
+
+
+class Section:
+    """A params section; ``check`` holds the rules that span several fields (or sections)."""
+
+    def check(self, params: Params) -> None:
+        pass
 
 
 @dataclass(frozen=True)
-class BaseParams:
-    model: str = "mobilenet_v2"
-    alpha: float = 1.0
-    image_size: int = 160
-    # "imagenet" (Keras' file in $KERAS_HOME/models, downloaded once), "none"
-    # (random weights, asked for explicitly) or a path to a weights file.
-    weights: str = "imagenet"
-    # For base.model keras:<path>: the layer whose output is the bottleneck ('' = the one before the last).
-    feature_layer: str = ""
+class DataParams(Section):
+    source: str = param(f"{DOWNLOAD_DIR}/flower_photos.tgz",
+                        "folder of class folders, or archive path (local: DVC tracks its contents)")
+    url: str = param(FLOWERS_URL, "downloaded once to `data.source` when that lies in `data/download/`; `''` = none",
+                     lambda v: not v or v.startswith(("http://", "https://")),
+                     "an http(s) URL, or '' when data.source is a folder or archive of your own")
+    sha256: str = param(FLOWERS_SHA256, "pin for archive sources; `''` = unchecked",
+                        lambda v: not v or (len(v) == 64 and all(c in "0123456789abcdef" for c in v)),
+                        "64 lowercase hex digits, or '' to skip the check")
+    val_percent: float = param(15.0, "val split size, % (a hash of each photo's relative path decides)",
+                               lambda v: 0 < v < 100, "a percentage > 0 and < 100 (val loss drives early stopping)")
+    test_percent: float = param(15.0, "test split size, %", lambda v: 0 < v < 100, "a percentage > 0 and < 100")
+    split_salt: str = param("", "changing it reshuffles every photo's split; keep it fixed")
+    shard_size: int = param(1000, "photos per TFRecord shard", **at_least(1))
+    min_per_class: int = param(2, "a class with fewer photos is an error", **at_least(1))
+    workers: int = param(0, "processes that check photos in parallel (0 = one per core)", **at_least(0, " (0 = one per core)"))
+    label_conflicts: str = param("drop", "the same photo under two classes: `drop` (no copy in any split) or "
+                                 "`keep_first` (the first path's class)", allowed="drop or keep_first",
+                                 choices=("drop", "keep_first"))
+
+    def check(self, params: Params) -> None:
+        if not self.source:
+            _fail("data.source", self.source, "a folder of class folders or an archive path")
+        if "://" in self.source:
+            name = self.source.rstrip("/").rsplit("/", 1)[-1] or "photos.tgz"
+            _fail("data.source", self.source, f"a local path, which DVC can track: put the URL in data.url and set "
+                                              f"data.source: {DOWNLOAD_DIR}/{name} (the download stage saves it there)")
+        if self.source.startswith("~"):
+            _fail("data.source", self.source, "a path without ~ (DVC does not expand it): write the absolute path")
+        if self.val_percent + self.test_percent >= 100:
+            _fail("data.val_percent + data.test_percent", self.val_percent + self.test_percent,
+                  "less than 100, to leave photos to train on")
 
 
 @dataclass(frozen=True)
-class InputBlockParams:
+class BaseParams(Section):
+    model: str = param("mobilenet_v2", "also `inception_v3`, `vgg16`, `resnet50`, `efficientnet_b0`, or "
+                       "`keras:<path to a .keras model>`")
+    alpha: float = param(1.0, "width multiplier (MobileNetV2: 0.35, 0.5, 0.75, 1.0, 1.3, 1.4)")
+    image_size: int = param(160, "pixels a side the base sees (before `input_block.upsample`)")
+    weights: str = param("imagenet", "`imagenet` (Keras' file in `$KERAS_HOME/models`, downloaded once), `none` "
+                         "(random, asked for explicitly), or a weights file path",
+                         bool, "'imagenet', 'none' or a path to a weights file")
+    feature_layer: str = param("", "for `keras:` bases: the layer whose output is the bottleneck (`''` = the one "
+                               "before the last)")
+
+    def check(self, params: Params) -> None:
+        from components import base_models  # the registry knows each model's sizes and widths
+
+        if base_models.is_keras_file(self.model):
+            if self.image_size < 8:
+                _fail("base.image_size", self.image_size, "an integer >= 8, the input size of the keras: model")
+            return
+        if self.model not in base_models.REGISTRY:
+            _fail("base.model", self.model,
+                  f"one of {', '.join(sorted(base_models.REGISTRY))}, or keras:<path to a .keras model>")
+        upsampled = self.image_size * params.input_block.upsample
+        for key, value, allowed in base_models.REGISTRY[self.model].problems(self.alpha, upsampled):
+            _fail(key, value, allowed)
+        if self.feature_layer:
+            _fail("base.feature_layer", self.feature_layer, f"'' for {self.model} (it applies to keras:<path> bases)")
+
+
+@dataclass(frozen=True)
+class InputBlockParams(Section):
     """In front of the base (the CIFAR recipe): noise only in training; upsampling always."""
-    noise: float = 0.0  # GaussianNoise stddev, in the base's input scale
-    upsample: int = 1  # the base sees image_size x upsample pixels
+    noise: float = param(0.0, "GaussianNoise stddev in front of the base (training only), in its input scale",
+                         lambda v: 0 <= v <= 1, "a standard deviation from 0 (no noise) to 1")
+    upsample: int = param(1, "integer upsampling in front of the base: it sees `image_size` x this",
+                          lambda v: 1 <= v <= 8, "an integer factor from 1 (none) to 8")
 
 
 @dataclass(frozen=True)
-class BottleneckParams:
-    # DirectRunner, dask (Beam's DaskRunner on a Dask cluster), or any Beam runner name
-    # (FlinkRunner, SparkRunner, DataflowRunner) with its flags in beam_options.
-    runner: str = "DirectRunner"
-    # Free-form Beam flags, e.g. ["--direct_running_mode=multi_processing", "--direct_num_workers=2"].
-    beam_options: tuple[str, ...] = ()
-    batch_size: int = 32
-    # DirectRunner processes: 1 = in-memory (fastest on 2 cores, see README), N > 1 = multi-processing.
-    # runner dask without dask_address: the local cluster's worker processes.
-    workers: int = 1
-    # runner dask: an existing scheduler, e.g. tcp://scheduler:8786 ('' = start a local cluster).
-    dask_address: str = ""
-    # Per-image feature cache ('' = off): a re-run computes only new photos. Any Beam filesystem path.
-    cache_dir: str = "data/feature_cache"
+class BottleneckParams(Section):
+    runner: str = param("DirectRunner", "`DirectRunner`, `dask` (Beam's DaskRunner), or any Beam runner with its "
+                        "flags in `beam_options` (see \"Scale-out\")",
+                        bool, "a Beam runner name such as DirectRunner, or dask")
+    beam_options: tuple[str, ...] = param((), "free-form Beam flags, e.g. `[--direct_num_workers=2]`")
+    batch_size: int = param(32, "inference batch", **at_least(1))
+    workers: int = param(1, "DirectRunner processes (1 = in-memory, fastest on 2 cores) or the local Dask "
+                         "cluster's", **at_least(1))
+    dask_address: str = param("", "runner `dask`: an existing scheduler (`tcp://host:8786`); `''` starts a local "
+                              "cluster for the run")
+    cache_dir: str = param("data/feature_cache", "per-image feature (and activation) cache, any Beam filesystem "
+                           "path; `''` = off")
+
+    def check(self, params: Params) -> None:
+        from components.beam_runners import is_dask  # no Beam import: a name check
+
+        if self.dask_address and not is_dask(self.runner):
+            _fail("bottleneck.dask_address", self.dask_address, "'' unless bottleneck.runner is dask")
 
 
 @dataclass(frozen=True)
-class TrainHeadParams:
-    # Epochs on cached features cost milliseconds, so the head trains until
-    # val loss stops improving (patience) and keeps the best epoch's weights.
-    epochs: int = 200
-    learning_rate: float = 1e-3
-    optimizer: str = "adam"
-    dropout: float = 0.2
-    batch_size: int = 32
-    early_stopping_patience: int = 10
-    hidden_units: int = 0  # > 0 adds a ReLU hidden layer (with its own dropout) to the head
-    class_weights: str = "none"  # none | auto (balance classes of unequal size in the loss)
+class TrainHeadParams(Section):
+    # Epochs on cached features cost milliseconds, so the head trains until val loss stops improving.
+    epochs: int = param(200, "most epochs (early stopping ends it sooner); see \"Why this head recipe\"",
+                        **at_least(1))
+    learning_rate: float = param(1e-3, "head learning rate", **RATE)
+    optimizer: str = param("adam", "adam, rmsprop or sgd", **OPTIMIZER)
+    dropout: float = param(0.2, "dropout before the softmax", lambda v: 0 <= v < 1, "a number >= 0 and < 1")
+    batch_size: int = param(32, "per device", **at_least(1))
+    early_stopping_patience: int = param(10, "epochs without a better val loss before stopping; the best epoch "
+                                         "is kept (0 = off)", **at_least(0, " (0 turns early stopping off)"))
+    hidden_units: int = param(0, "> 0 adds a ReLU hidden layer (with its own dropout)",
+                              **at_least(0, " (0 = no hidden layer)"))
+    class_weights: str = param("none", "`auto` balances classes of unequal size in the loss",
+                               allowed="none or auto", choices=("none", "auto"))
 
 
 @dataclass(frozen=True)
-class AugmentParams:
-    # Training photos mirrored left to right: a cached view when fine-tuning from activations,
-    # a RandomFlip layer when fine-tuning on the images.
-    flip: bool = True
-    # Image-space rotation and zoom (fractions): with either on, fine-tune runs on the images every epoch.
-    rotation: float = 0.0
-    zoom: float = 0.0
-    # Mixup of cached activations, weights ~ Beta(mixup, mixup) (0 = off); fine-tuning from activations only.
-    mixup: float = 0.4
-    # Test-time augmentation in the exported model (evaluate, predict, serving, TFLite): flip | none.
-    tta: str = "flip"
+class AugmentParams(Section):
+    flip: bool = param(True, "mirrored training photos: a cached view (from activations) or RandomFlip (on images)")
+    rotation: float = param(0.0, "image-space rotation (fraction of a turn); on, fine-tune runs on the images "
+                            "every epoch", lambda v: 0 <= v <= 1, "a fraction of a full turn between 0 and 1")
+    zoom: float = param(0.0, "image-space zoom (fraction); on, fine-tune runs on the images every epoch",
+                        lambda v: 0 <= v < 1, "a fraction >= 0 and < 1")
+    mixup: float = param(0.4, "mixup of cached activations, weights ~ Beta(mixup, mixup); 0 = off (fine-tuning "
+                         "from activations only)", lambda v: 0 <= v <= 10,
+                         "a Beta parameter from 0 (off) to 10; 0.2 to 0.4 is usual")
+    tta: str = param("flip", "test-time augmentation in the exported model (evaluate, predict, serving, TFLite): "
+                     "`flip` or `none`", allowed="flip or none", choices=("flip", "none"))
 
 
 @dataclass(frozen=True)
-class FineTuneParams:
+class FineTuneParams(Section):
     # From cached activations an epoch runs only the layers from the cut up: Adam at 1e-4 with
     # mixup converges in a few epochs (README, "Why this fine-tune recipe").
-    epochs: int = 6
-    learning_rate: float = 1e-4
-    optimizer: str = "adam"
-    batch_size: int = 32
-    # Stop when val loss has not improved for this many epochs and keep the best
-    # epoch's weights (0 = train all epochs): on small folders fine-tuning overfits.
-    early_stopping_patience: int = 2
+    epochs: int = param(6, "most epochs; 0 exports base + head unchanged; see \"Why this fine-tune recipe\"",
+                        **at_least(0))
+    learning_rate: float = param(1e-4, "fine-tune learning rate", **RATE)
+    optimizer: str = param("adam", "adam, rmsprop or sgd", **OPTIMIZER)
+    batch_size: int = param(32, "per device", **at_least(1))
+    # On small folders fine-tuning overfits.
+    early_stopping_patience: int = param(2, "epochs without a better val loss before stopping; the best epoch is "
+                                         "kept (0 = train all epochs)", **at_least(0, " (0 = off)"))
 
 
 @dataclass(frozen=True)
-class EvaluateParams:
-    top_k: int = 3  # top_k_accuracy: the true class among the k most probable
-    mistakes: int = 20  # the most confident wrong predictions listed in metrics
-    # Gate: metric name -> minimum, e.g. {accuracy: 0.9}; the stage exits non-zero below it.
-    thresholds: dict[str, float] = field(default_factory=dict)
-    # CI gate: largest accepted drop of test accuracy against the main branch's.
-    max_drop: float = 0.02
+class EvaluateParams(Section):
+    top_k: int = param(3, "top-k accuracy: the true class among the k most probable", **at_least(1))
+    mistakes: int = param(20, "the most confident wrong predictions listed in the report and the page",
+                          **at_least(0))
+    thresholds: dict[str, float] = param({}, "gate: metric -> minimum, e.g. `{accuracy: 0.9}`; evaluate exits "
+                                         "non-zero below it (see \"GPU runners and CI\")")
+    max_drop: float = param(0.02, "CI gate: largest accepted drop of test accuracy against the main branch's",
+                            lambda v: 0 <= v <= 1, "a fraction between 0 and 1")
+
+    def check(self, params: Params) -> None:
+        for metric, minimum in self.thresholds.items():
+            if metric not in GATED_METRICS:
+                _fail(f"evaluate.thresholds.{metric}", minimum, f"a threshold on one of {', '.join(GATED_METRICS)}")
+            if not 0 <= minimum <= 1:
+                _fail(f"evaluate.thresholds.{metric}", minimum, "a number between 0 and 1")
 
 
 @dataclass(frozen=True)
-class TrainParams:
+class TrainParams(Section):
     """Where train-head and fine-tune run (ingest, bottleneck and evaluate ignore it)."""
-    device: str = "auto"  # auto (GPU when TensorFlow sees one) | cpu | gpu
-    mixed_precision: str = "auto"  # auto (on for GPU) | on | off
-    # auto: mirrored when several devices are visible, else one device. multi_worker:
-    # MultiWorkerMirroredStrategy across the machines named in TF_CONFIG (one process each).
-    strategy: str = "auto"  # auto | one_device | mirrored | multi_worker
-    # Compiled TFX pipelines (Vertex / Kubeflow): what the training components request.
-    accelerator: str = "NVIDIA_TESLA_T4"
-    accelerator_count: int = 1
+    device: str = param("auto", "where train-head and fine-tune run: auto (GPU when TensorFlow sees one), cpu or gpu",
+                        allowed="auto, cpu or gpu", choices=("auto", "cpu", "gpu"))
+    mixed_precision: str = param("auto", "float16 compute: auto (on for GPU), on or off", allowed="auto, on or off",
+                                 choices=("auto", "on", "off"))
+    strategy: str = param("auto", "`auto` (mirrored over several visible devices, else one), `one_device`, "
+                          "`mirrored`, `multi_worker` (several machines, from `TF_CONFIG`; see \"Scale-out\")",
+                          choices=STRATEGIES)
+    accelerator: str = param("NVIDIA_TESLA_T4", "what compiled TFX pipelines' training components request")
+    accelerator_count: int = param(1, "how many of them", **at_least(1))
 
 
 @dataclass(frozen=True)
-class ExportParams:
-    # TFLite files fine-tune writes into artifacts/model and checks against Keras on the test photos:
-    # float, dynamic_range ([] = none; each conversion of MobileNetV2 takes seconds).
-    tflite: tuple[str, ...] = ("float", "dynamic_range")
+class ExportParams(Section):
+    tflite: tuple[str, ...] = param(("float", "dynamic_range"), "TFLite files fine-tune writes and checks against "
+                                    "Keras on the test photos: `float`, `dynamic_range` (`[]` = none)",
+                                    lambda v: all(k in ("float", "dynamic_range") for k in v),
+                                    "a list of float and/or dynamic_range, or [] for no TFLite")
 
 
 @dataclass(frozen=True)
-class TfxParams:
-    # Container image every compiled TFX component runs in (holds graftline and its venv).
-    image: str = "ghcr.io/graftline/graftline:latest"
+class TfxParams(Section):
+    image: str = param("ghcr.io/graftline/graftline:latest", "container image every compiled TFX component runs in",
+                       bool, "a container image reference")
 
 
 @dataclass(frozen=True)
-class Params:
-    seed: int = 42
-    # Base layers with index >= fine_tune_at are trained in fine-tune; -1 freezes all.
-    fine_tune_at: int = 100
+class Params(Section):
+    seed: int = param(42, "seeds Python, NumPy, TensorFlow")
+    fine_tune_at: int = param(100, "base layers with index >= this are trained in fine-tune (MobileNetV2 has 155); "
+                              "-1 freezes the base", lambda v: v >= -1,
+                              "-1 (freeze the whole base) or a layer index >= 0")
     data: DataParams = field(default_factory=DataParams)
     base: BaseParams = field(default_factory=BaseParams)
     input_block: InputBlockParams = field(default_factory=InputBlockParams)
@@ -188,10 +279,6 @@ class Params:
             return value
 
         return plain(dataclasses.asdict(self))
-
-
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ParamsError(f"params: {key} = {value!r} is not allowed; expected {allowed}")
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:
@@ -230,6 +317,7 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
 
 
 def _build(cls, raw: Any, prefix: str):
+    """``cls`` from its YAML mapping: unknown keys refused, each value's type and rule checked."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -243,160 +331,60 @@ def _build(cls, raw: Any, prefix: str):
         raise ParamsError(
             f"params: unknown key '{prefix}{key}'.{hint} Known keys here: {', '.join(fields)}."
         )
+    kinds = typing.get_type_hints(cls)
     values = {}
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}
     for name, value in raw.items():
-        kind = _SECTIONS.get(name) if cls is Params else None
-        if kind is not None:
-            values[name] = _build(kind, value, f"{name}.")
-        else:
-            values[name] = _coerce(prefix + name, value, _TYPES[hints[name]])
+        if isinstance(kinds[name], type) and issubclass(kinds[name], Section):
+            values[name] = _build(kinds[name], value, f"{name}.")
+            continue
+        values[name] = _coerce(prefix + name, value, kinds[name])
+        ok = fields[name].metadata.get("ok")
+        if ok is not None and not ok(values[name]):
+            shown = list(values[name]) if isinstance(values[name], tuple) else values[name]
+            _fail(prefix + name, shown, fields[name].metadata["allowed"])
     return cls(**values)
 
 
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple[str, ...],
-          "dict[str, float]": dict[str, float]}
-_SECTIONS = {
-    "data": DataParams,
-    "base": BaseParams,
-    "input_block": InputBlockParams,
-    "bottleneck": BottleneckParams,
-    "train_head": TrainHeadParams,
-    "augment": AugmentParams,
-    "fine_tune": FineTuneParams,
-    "evaluate": EvaluateParams,
-    "train": TrainParams,
-    "export": ExportParams,
-    "tfx": TfxParams,
-}
+def _sections(params: Params) -> list[Section]:
+    return [params] + [getattr(params, f.name) for f in dataclasses.fields(params)
+                       if isinstance(getattr(params, f.name), Section)]
 
 
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+def table_rows() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every param, in params.yaml's order: the README's params table."""
+    def shown(value) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, (tuple, dict)):
+            return "[" + ", ".join(value) + "]" if isinstance(value, tuple) else "{}"
+        if isinstance(value, str) and (not value or "/" in value or ":" in value):
+            return f"`{value}`" if value else "`''`"
+        return str(value)
+
+    rows = []
+
+    def walk(obj, prefix: str):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, Section):
+                walk(value, f"{f.name}.")
+            else:
+                rows.append((f"`{prefix}{f.name}`", shown(value), f.metadata["help"]))
+
+    walk(Params(), "")
+    return rows
 
 
-def _validate(p: Params) -> None:
-    from components import base_models  # the registry knows model names
-
-    d = p.data
-    if not d.source:
-        _fail("data.source", d.source, "a folder of class folders or an archive path")
-    if "://" in d.source:
-        name = d.source.rstrip("/").rsplit("/", 1)[-1] or "photos.tgz"
-        _fail("data.source", d.source, f"a local path, which DVC can track: put the URL in data.url and set "
-                                       f"data.source: {DOWNLOAD_DIR}/{name} (the download stage saves it there)")
-    if d.source.startswith("~"):
-        _fail("data.source", d.source, "a path without ~ (DVC does not expand it): write the absolute path")
-    if d.url and not d.url.startswith(("http://", "https://")):
-        _fail("data.url", d.url, "an http(s) URL, or '' when data.source is a folder or archive of your own")
-    if not 0 < d.val_percent < 100:
-        _fail("data.val_percent", d.val_percent, "a percentage > 0 and < 100 (val loss drives early stopping)")
-    if not 0 < d.test_percent < 100:
-        _fail("data.test_percent", d.test_percent, "a percentage > 0 and < 100")
-    if d.val_percent + d.test_percent >= 100:
-        _fail("data.val_percent + data.test_percent", d.val_percent + d.test_percent, "less than 100, to leave photos to train on")
-    if d.sha256 and (len(d.sha256) != 64 or any(c not in "0123456789abcdef" for c in d.sha256)):
-        _fail("data.sha256", d.sha256, "64 lowercase hex digits, or '' to skip the check")
-    if d.shard_size < 1:
-        _fail("data.shard_size", d.shard_size, "an integer >= 1")
-    if d.min_per_class < 1:
-        _fail("data.min_per_class", d.min_per_class, "an integer >= 1")
-    if d.workers < 0:
-        _fail("data.workers", d.workers, "an integer >= 0 (0 = one per core)")
-    if d.label_conflicts not in ("drop", "keep_first"):
-        _fail("data.label_conflicts", d.label_conflicts, "drop or keep_first")
-
-    b = p.base
-    if base_models.is_keras_file(b.model):
-        if b.image_size < 8:
-            _fail("base.image_size", b.image_size, "an integer >= 8, the input size of the keras: model")
-    elif b.model not in base_models.REGISTRY:
-        _fail("base.model", b.model, f"one of {', '.join(sorted(base_models.REGISTRY))}, or keras:<path to a .keras model>")
-    else:
-        for key, value, allowed in base_models.REGISTRY[b.model].problems(b.alpha, b.image_size * p.input_block.upsample):
-            _fail(key, value, allowed)
-        if b.feature_layer:
-            _fail("base.feature_layer", b.feature_layer, f"'' for {b.model} (it applies to keras:<path> bases)")
-    if not b.weights:
-        _fail("base.weights", b.weights, "'imagenet', 'none' or a path to a weights file")
-
-    if p.bottleneck.workers < 1:
-        _fail("bottleneck.workers", p.bottleneck.workers, "an integer >= 1")
-    if not 0 <= p.input_block.noise <= 1:
-        _fail("input_block.noise", p.input_block.noise, "a standard deviation from 0 (no noise) to 1")
-    if not 1 <= p.input_block.upsample <= 8:
-        _fail("input_block.upsample", p.input_block.upsample, "an integer factor from 1 (none) to 8")
-    if not p.bottleneck.runner:
-        _fail("bottleneck.runner", p.bottleneck.runner, "a Beam runner name such as DirectRunner, or dask")
-    if p.bottleneck.dask_address:
-        from components.beam_runners import is_dask
-
-        if not is_dask(p.bottleneck.runner):
-            _fail("bottleneck.dask_address", p.bottleneck.dask_address, "'' unless bottleneck.runner is dask")
-    if p.train.strategy not in STRATEGIES:
-        _fail("train.strategy", p.train.strategy, " | ".join(STRATEGIES))
-    for section in ("bottleneck", "train_head", "fine_tune"):
-        size = getattr(p, section).batch_size
-        if size < 1:
-            _fail(f"{section}.batch_size", size, "an integer >= 1")
-
-    for section in ("train_head", "fine_tune"):
-        s = getattr(p, section)
-        minimum = 1 if section == "train_head" else 0
-        if s.epochs < minimum:
-            _fail(f"{section}.epochs", s.epochs, f"an integer >= {minimum}")
-        if not 0 < s.learning_rate < 1:
-            _fail(f"{section}.learning_rate", s.learning_rate, "a number > 0 and < 1")
-        if s.optimizer not in OPTIMIZERS:
-            _fail(f"{section}.optimizer", s.optimizer, f"one of {', '.join(OPTIMIZERS)}")
-    if p.fine_tune.early_stopping_patience < 0:
-        _fail("fine_tune.early_stopping_patience", p.fine_tune.early_stopping_patience, "an integer >= 0 (0 = off)")
-    if not 0 <= p.train_head.dropout < 1:
-        _fail("train_head.dropout", p.train_head.dropout, "a number >= 0 and < 1")
-    if p.train_head.hidden_units < 0:
-        _fail("train_head.hidden_units", p.train_head.hidden_units, "an integer >= 0 (0 = no hidden layer)")
-    if p.train_head.class_weights not in ("none", "auto"):
-        _fail("train_head.class_weights", p.train_head.class_weights, "none or auto")
-    if p.train_head.early_stopping_patience < 0:
-        _fail("train_head.early_stopping_patience", p.train_head.early_stopping_patience, "an integer >= 0 (0 turns early stopping off)")
-
-    if p.fine_tune_at < -1:
-        _fail("fine_tune_at", p.fine_tune_at, "-1 (freeze the whole base) or a layer index >= 0")
-    if not 0 <= p.augment.rotation <= 1:
-        _fail("augment.rotation", p.augment.rotation, "a fraction of a full turn between 0 and 1")
-    if not 0 <= p.augment.zoom < 1:
-        _fail("augment.zoom", p.augment.zoom, "a fraction >= 0 and < 1")
-    if not 0 <= p.augment.mixup <= 10:
-        _fail("augment.mixup", p.augment.mixup, "a Beta parameter from 0 (off) to 10; 0.2 to 0.4 is usual")
-    if p.augment.tta not in ("flip", "none"):
-        _fail("augment.tta", p.augment.tta, "flip or none")
-
-    if p.train.device not in ("auto", "cpu", "gpu"):
-        _fail("train.device", p.train.device, "auto, cpu or gpu")
-    if p.train.mixed_precision not in ("auto", "on", "off"):
-        _fail("train.mixed_precision", p.train.mixed_precision, "auto, on or off")
-    if p.train.accelerator_count < 1:
-        _fail("train.accelerator_count", p.train.accelerator_count, "an integer >= 1")
-    for kind in p.export.tflite:
-        if kind not in ("float", "dynamic_range"):
-            _fail("export.tflite", list(p.export.tflite), "a list of float and/or dynamic_range, or [] for no TFLite")
-    if not p.tfx.image:
-        _fail("tfx.image", p.tfx.image, "a container image reference")
-    if p.evaluate.top_k < 1:
-        _fail("evaluate.top_k", p.evaluate.top_k, "an integer >= 1")
-    if p.evaluate.mistakes < 0:
-        _fail("evaluate.mistakes", p.evaluate.mistakes, "an integer >= 0")
-    if not 0 <= p.evaluate.max_drop <= 1:
-        _fail("evaluate.max_drop", p.evaluate.max_drop, "a fraction between 0 and 1")
-    for metric, minimum in p.evaluate.thresholds.items():
-        if metric not in GATED_METRICS:
-            _fail(f"evaluate.thresholds.{metric}", minimum, f"a threshold on one of {', '.join(GATED_METRICS)}")
-        if not 0 <= minimum <= 1:
-            _fail(f"evaluate.thresholds.{metric}", minimum, "a number between 0 and 1")
+def markdown_table() -> str:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| {key} | {default} | {text} |" for key, default, text in table_rows()]
+    return "\n".join(lines)
 
 
 def from_dict(raw: Any) -> Params:
     params = _build(Params, raw, "")
-    _validate(params)
+    for section in _sections(params):
+        section.check(params)
     return params
 
 
@@ -419,3 +407,23 @@ def load(path: str | os.PathLike = "params.yaml") -> Params:
     except YAMLError as exc:
         raise ParamsError(f"params: {path} is not valid YAML: {exc}") from None
     return from_dict(raw)
+
+
+README_BEGIN = "<!-- params table: generated from pipeline/params.py by `python -m pipeline.params --readme` -->"
+README_END = "<!-- end of params table -->"
+
+
+def readme_with_table(text: str) -> str:
+    """README text with the generated params table between its markers."""
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_BEGIN}\n{markdown_table()}\n{README_END}{tail}"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--readme"]:
+        sys.exit("usage: python -m pipeline.params --readme   (rewrites README.md's params table)")
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    readme.write_text(readme_with_table(readme.read_text()))

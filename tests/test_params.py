@@ -193,3 +193,27 @@ def test_exponent_floats_as_dvc_writes_them_load_as_numbers(tmp_path):
     (tmp_path / "params.yaml").write_text("fine_tune:\n  learning_rate: 1e-05\ntrain_head:\n  learning_rate: 3E-4\n")
     loaded = params.load(tmp_path / "params.yaml")
     assert loaded.fine_tune.learning_rate == 1e-5 and loaded.train_head.learning_rate == 3e-4
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_params_table_is_the_one_params_py_generates():
+    text = README.read_text()
+    assert params.README_BEGIN in text and params.README_END in text
+    assert params.readme_with_table(text) == text, "README's params table drifted: run python -m pipeline.params --readme"
+    rows = params.table_rows()
+    # one row per leaf key, each with its help text
+    leaves = []
+    for name, value in params.Params().to_dict().items():
+        leaves += [f"`{name}.{key}`" for key in value] if isinstance(value, dict) else [f"`{name}`"]
+    assert [key for key, _, _ in rows] == leaves
+    assert all(text.strip() for _, _, text in rows)
+
+
+def test_a_rule_lives_next_to_its_field_and_is_checked_for_yaml_values():
+    # The rule is the field's metadata; a value from YAML that breaks it fails with that field's key.
+    rule = {f.name: f.metadata for f in dataclasses.fields(params.DataParams)}["shard_size"]
+    assert rule["allowed"] == "an integer >= 1" and not rule["ok"](0) and rule["ok"](1)
+    with pytest.raises(ParamsError, match=r"data.shard_size = 0 is not allowed; expected an integer >= 1"):
+        params.from_dict({"data": {"shard_size": 0}})

@@ -220,6 +220,7 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     """inputs: examples. outputs: bottlenecks (folder of Parquet parts and manifest.json), report (JSON)."""
     started = time.time()
     base, p = params.base, params.bottleneck
+    # 1. One work unit per TFRecord shard.
     examples = absolute(str(inputs["examples"]))
     shards = {split: records.shard_urls(examples, split) for split in records.SPLITS}
     missing = [s for s in records.SPLITS if not shards[s]]
@@ -227,21 +228,23 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         raise GraftlineError(f"{examples} has no TFRecord shards for {', '.join(missing)}; run ingest first")
     units = [(split, url, records.part_name(url)) for split in records.SPLITS for url in shards[split]]
 
+    # 2. The base, built here once so that a bad weights file fails now with one line, not inside a
+    #    Beam worker; its feature width; the feature cache (off for random weights: they differ by seed).
     weights_path = base_models.resolve_weights(base.model, base.alpha, base.image_size, base.weights)
-    # Built here so that a bad weights file fails now with one line, not inside a Beam worker.
     upsample = params.input_block.upsample
     width = int(extractor_for(base.model, base.alpha, base.image_size, weights_path,
                               base.feature_layer, upsample).output_shape[-1])
 
-    # Random weights differ with the seed: caching them would serve another run's features.
     cache = (VectorCache(absolute(p.cache_dir), base_models.cache_fingerprint(base, upsample, weights_path), (width,))
              if p.cache_dir and weights_path else None)
+    # 3. The model handler, with TensorFlow threads shared out among local worker processes.
     dask = is_dask(p.runner)
     # Local workers share this machine's cores; a remote cluster's machines size their own pools.
     local_workers = p.workers if p.runner == "DirectRunner" or (dask and not p.dask_address) else 0
     tf_threads = max(1, (os.cpu_count() or 1) // local_workers) if local_workers else 0
     handler = FeatureExtractorHandler(base.model, base.alpha, base.image_size, weights_path, base.feature_layer,
                                       upsample, p.batch_size, tf_threads)
+    # 4. Run the pipeline on the runner; every shard's receipt, then the manifest; publish.
     out = str(outputs["bottlenecks"])
     with published(out) as folder, (dask_scheduler(p) if dask else contextlib.nullcontext("")) as address:
         flags = beam_flags(p, len(units), address)
@@ -259,6 +262,7 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         with written(FileSystems.join(folder, MANIFEST)) as handle:
             handle.write(json.dumps(manifest, indent=2).encode())
 
+    # 5. The report, from the receipts (the DaskRunner has no metrics).
     passes_by_worker: dict[str, int] = {}
     for r in receipts:
         passes_by_worker[r["worker"]] = passes_by_worker.get(r["worker"], 0) + r["forward_passes"]

@@ -223,15 +223,8 @@ def _check_files(paths: list[str], workers: int) -> Iterator[tuple[str, bool, st
     yield from map(check_file, paths[done:])
 
 
-def run(params, inputs: dict, outputs: dict) -> dict:
-    """inputs: downloads (where data.url lands), extract_dir (archives extracted once). outputs: examples, labels,
-    report."""
-    started = time.time()
-    data = params.data
-    root, rejected = resolve_source(data, Path(inputs["downloads"]), Path(inputs["extract_dir"]))
-    classes, photos, skipped, duplicates, conflicts, ignored = scan(
-        root, data.val_percent, data.test_percent, data.split_salt, data.workers, data.label_conflicts)
-
+def counted(root: Path, classes: list[str], photos: list, data) -> tuple[dict, dict]:
+    """(photos per class and split, photos per split), after checking there are enough to train on."""
     if len(classes) < 2:
         raise GraftlineError(
             f"data.source {root} has {len(classes)} class folder(s); graftline needs at least 2 "
@@ -253,14 +246,18 @@ def run(params, inputs: dict, outputs: dict) -> dict:
                 f"the {split} split is empty ({len(photos)} photos, data.val_percent={data.val_percent}, "
                 f"data.test_percent={data.test_percent}); add photos or raise the percentages."
             )
+    return per_class, split_counts
 
+
+def write_examples(folder: Path, photos: list, classes: list[str], shard_size: int) -> None:
+    """Every photo into gzip TFRecord shards, split by split, in key order; the folder appears when complete."""
     def load(photo: Photo) -> records.Record:
         image = photo.path.read_bytes()
         if photo.reencode:
             image = reencoded(image)
         return records.Record(photo.key, photo.label, classes[photo.label], photo.sha256, image)
 
-    with atomic_dir(Path(outputs["examples"])) as tmp:
+    with atomic_dir(folder) as tmp:
         with tqdm(total=len(photos), desc="ingest: writing TFRecords", unit="photo") as bar:
             for split in records.SPLITS:
                 chosen = [p for p in photos if p.split == split]  # already sorted by key
@@ -270,8 +267,23 @@ def run(params, inputs: dict, outputs: dict) -> dict:
                         yield load(photo)
                         bar.update()
 
-                records.write_shards(stream(), tmp, split, len(chosen), data.shard_size)
+                records.write_shards(stream(), tmp, split, len(chosen), shard_size)
 
+
+def run(params, inputs: dict, outputs: dict) -> dict:
+    """inputs: downloads (where data.url lands), extract_dir (archives extracted once). outputs: examples, labels,
+    report."""
+    started = time.time()
+    data = params.data
+    # 1. The photos' root: data.source's folder, or its archive extracted once.
+    root, rejected = resolve_source(data, Path(inputs["downloads"]), Path(inputs["extract_dir"]))
+    # 2. Every photo checked (in parallel), deduplicated and given its split.
+    classes, photos, skipped, duplicates, conflicts, ignored = scan(
+        root, data.val_percent, data.test_percent, data.split_salt, data.workers, data.label_conflicts)
+    # 3. Enough classes, and photos in every class and split.
+    per_class, split_counts = counted(root, classes, photos, data)
+    # 4. The TFRecord shards, then the labels and the report.
+    write_examples(Path(outputs["examples"]), photos, classes, data.shard_size)
     write_json(Path(outputs["labels"]), classes)
     report = {
         "source": data.source,

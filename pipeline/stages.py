@@ -1,0 +1,225 @@
+"""Every stage's paths, written once: `graftline <stage>` runs the stage with them and dvc.yaml is
+generated from them (``python -m pipeline.stages``; tests/test_structure.py fails when dvc.yaml
+differs from what this table makes).
+
+A stage is its module (``components/stages/<stage>.py``), the paths its ``run(params, inputs,
+outputs)`` knows by name, the params it reads, and how DVC sees each path. Code deps are not
+written anywhere: they are the import closure of the stage's module, computed when dvc.yaml is
+generated. Static: no TensorFlow, no Beam.
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_CACHE = (("cache", False),)
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One entry of a dvc.yaml stage's outs, metrics or plots."""
+    section: str  # outs | metrics | plots
+    path: str
+    options: tuple = ()  # (key, value) pairs, as dvc.yaml writes them under the path
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class Io:
+    """A path a stage reads or writes; ``declared`` is how dvc.yaml shows it (nothing: DVC does not track it)."""
+    path: str
+    declared: tuple[Declared, ...] = ()
+
+
+def out(path: str, section: str = "outs", *options, comment: str = "") -> Io:
+    return Io(path, (Declared(section, path, tuple(options), comment),))
+
+
+def dep(path: str) -> Io:
+    return Io(path, (Declared("deps", path),))
+
+
+def untracked(path: str) -> Io:
+    return Io(path)
+
+
+def live(stage: str) -> Io:
+    """DVCLive's folder: its metrics.json a DVC metric, its per-metric TSVs DVC plots."""
+    folder = f"dvclive/{stage}"
+    return Io(folder, (Declared("metrics", f"{folder}/metrics.json", NO_CACHE),
+                       Declared("plots", f"{folder}/plots/metrics", NO_CACHE + (("x", "step"),))))
+
+
+@dataclass(frozen=True)
+class Stage:
+    command: str  # graftline <command>
+    module: str
+    inputs: dict[str, Io]
+    outputs: dict[str, Io]
+    params: tuple[str, ...]
+    comment: str = ""
+    data_deps: tuple[str, ...] = ()  # deps that are not another stage's output (with their comment lines)
+
+    @property
+    def dvc_name(self) -> str:
+        return self.command.replace("-", "_")
+
+
+TRAINING = ("train.device", "train.mixed_precision", "train.strategy")
+
+STAGES: dict[str, Stage] = {s.command: s for s in (
+    Stage("check-params", "pipeline.params", {}, {}, ("params.yaml:",),
+          comment="All of params.yaml, validated whenever it changes: a misspelled key (dvc exp run -S "
+                  "+fine_tun_at=120)\nfails the run even when no other stage's params changed. Seconds, no "
+                  "TensorFlow, no outputs."),
+    Stage("download", "components.stages.download", {},
+          {"folder": out("data/download", "outs", ("persist", True))},
+          ("data.source", "data.url", "data.sha256"),
+          comment="data.url -> data.source when data.source lies in data/download/ (a URL cannot be a DVC dep "
+                  "offline)."),
+    Stage("ingest", "components.stages.ingest",
+          {"downloads": untracked("data/download"), "extract_dir": untracked("data/raw")},
+          {"examples": out("artifacts/examples"), "labels": out("artifacts/labels.json"),
+           "report": out("reports/ingest.json", "outs", *NO_CACHE)},
+          ("data",),
+          data_deps=("# the photos themselves: DVC hashes the folder or archive (its state cache skips unchanged "
+                     "files)", "${data.source}")),
+    Stage("bottleneck", "components.stages.bottleneck", {"examples": dep("artifacts/examples")},
+          {"bottlenecks": out("artifacts/bottlenecks"), "report": out("reports/bottleneck.json", "outs", *NO_CACHE)},
+          ("base", "input_block.upsample", "bottleneck")),
+    Stage("train-head", "components.stages.train_head",
+          {"bottlenecks": dep("artifacts/bottlenecks"), "labels": dep("artifacts/labels.json")},
+          {"head": out("artifacts/head"), "report": out("reports/train_head.json", "outs", *NO_CACHE),
+           "metrics": out("metrics/train_head.json", "metrics", *NO_CACHE),
+           "plots": out("plots/train_head.csv", "plots", *NO_CACHE, ("x", "epoch")),
+           "live": live("train_head"), "tensorboard": untracked("logs/train_head")},
+          ("seed", "train_head") + TRAINING),
+    Stage("fine-tune", "components.stages.fine_tune",
+          {"examples": dep("artifacts/examples"), "labels": dep("artifacts/labels.json"),
+           "head": dep("artifacts/head"), "checkpoints": untracked("data/checkpoints/fine_tune")},
+          {"model": out("artifacts/model"), "report": out("reports/fine_tune.json", "outs", *NO_CACHE),
+           "metrics": out("metrics/fine_tune.json", "metrics", *NO_CACHE),
+           "plots": out("plots/fine_tune.csv", "plots", *NO_CACHE, ("x", "epoch")),
+           "live": live("fine_tune"),
+           "curves": out("plots/learning_curves.png", "plots", *NO_CACHE),
+           "tensorboard": untracked("logs/fine_tune")},
+          ("seed", "fine_tune_at", "base", "input_block", "augment", "fine_tune", "export", "bottleneck.cache_dir")
+          + TRAINING),
+    # curves: shown on the evaluation page when there; no figure depends on them, and CI's gate
+    # evaluates a model trained elsewhere, so they are not a DVC dep.
+    Stage("evaluate", "components.stages.evaluate",
+          {"examples": dep("artifacts/examples"), "model": dep("artifacts/model"),
+           "curves": untracked("plots/learning_curves.png")},
+          {"report": out("reports/evaluate.json", "outs", *NO_CACHE),
+           "html": out("reports/evaluate.html", "outs", *NO_CACHE,
+                       comment="the page a person opens: figures, curves, confusion, mistakes"),
+           "metrics": out("metrics/evaluate.json", "metrics", *NO_CACHE),
+           "confusion": out("plots/confusion.csv", "plots", *NO_CACHE, ("template", "confusion"), ("x", "actual"),
+                            ("y", "predicted")),
+           "confusion_png": out("plots/confusion.png", "plots", *NO_CACHE)},
+          ("evaluate.top_k", "evaluate.mistakes", "evaluate.thresholds")),
+)}
+
+
+def paths(ios: dict[str, Io]) -> dict[str, str]:
+    return {name: io.path for name, io in ios.items()}
+
+
+# ------------------------------------------------------------------ code deps: the import closure
+
+
+def project_modules() -> dict[str, Path]:
+    files = list((ROOT / "components").rglob("*.py")) + list((ROOT / "pipeline").rglob("*.py"))
+    return {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in files}
+
+
+def imports(module: str, modules: dict[str, Path]) -> set[str]:
+    """Project modules that ``module`` imports anywhere in its body (lazy imports count: they run)."""
+    found = set()
+    for node in ast.walk(ast.parse(modules[module].read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in found if m in modules}
+
+
+def closure(module: str, modules: dict[str, Path] | None = None) -> set[str]:
+    modules = modules or project_modules()
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += imports(m, modules)
+    return seen
+
+
+def code_deps(module: str) -> list[str]:
+    """The stage module's file first, then every project file it imports, directly or not, sorted.
+    A package's __init__ is its docstring: not a code dep."""
+    modules = project_modules()
+    files = {str(modules[m].relative_to(ROOT)) for m in closure(module, modules)
+             if modules[m].name != "__init__.py"}
+    first = str(modules[module].relative_to(ROOT))
+    return [first] + sorted(files - {first})
+
+
+# ------------------------------------------------------------------ dvc.yaml
+
+
+HEADER = """\
+# GENERATED from pipeline/stages.py by `python -m pipeline.stages`: edit that table, not this file.
+# Five stages, each one `graftline <stage>`, after two small ones. Deps and params are exactly what
+# each stage reads, so `dvc exp run -S fine_tune_at=N` re-runs fine_tune and evaluate (and
+# check_params) only. Code deps are the import closure of the stage's module.
+stages:"""
+
+PLOTS = """\
+# Head and fine-tune curves on one axis (fine-tune epochs continue the head's numbering).
+plots:
+  - accuracy:
+      x: epoch
+      y:
+        plots/train_head.csv: [accuracy, val_accuracy]
+        plots/fine_tune.csv: [accuracy, val_accuracy]
+  - loss:
+      x: epoch
+      y:
+        plots/train_head.csv: [loss, val_loss]
+        plots/fine_tune.csv: [loss, val_loss]
+"""
+
+
+def _value(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def dvc_yaml() -> str:
+    lines = [HEADER]
+    for stage in STAGES.values():
+        lines += [f"  # {line}" for line in stage.comment.splitlines()]
+        lines += [f"  {stage.dvc_name}:", f"    cmd: graftline {stage.command}", "    deps:"]
+        lines += [f"      {d}" if d.startswith("#") else f"      - {d}" for d in stage.data_deps]
+        lines += [f"      - {d.path}" for io in stage.inputs.values() for d in io.declared]
+        lines += [f"      - {path}" for path in code_deps(stage.module)]
+        lines.append("    params:")
+        lines += [f"      - {p}" for p in stage.params]
+        declared = [d for io in stage.outputs.values() for d in io.declared]
+        for section in ("outs", "metrics", "plots"):
+            entries = [d for d in declared if d.section == section]
+            if entries:
+                lines.append(f"    {section}:")
+            for d in entries:
+                comment = f"   # {d.comment}" if d.comment else ""
+                lines.append(f"      - {d.path}{':' if d.options else ''}{comment}")
+                lines += [f"          {key}: {_value(value)}" for key, value in d.options]
+        lines.append("")
+    return "\n".join(lines) + PLOTS
+
+
+if __name__ == "__main__":
+    (ROOT / "dvc.yaml").write_text(dvc_yaml())
+    print(f"wrote {ROOT / 'dvc.yaml'}")
