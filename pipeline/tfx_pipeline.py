@@ -1,15 +1,15 @@
 """The same five stages as TFX components, run on LocalDagRunner with a SQLite ML-Metadata store.
 
 Each component is a thin adapter: it rebuilds Params from JSON, maps its
-artifacts' URIs to the paths ``components.<stage>.run`` expects and calls it,
+artifacts' URIs to the paths ``components.stages.<stage>.run`` expects and calls it,
 exactly as pipeline/cli.py does for DVC, so both paths give the same numbers.
 
-Artifact layouts (under each artifact's URI):
-  Examples: records/{split}-*.tfrecord.gz, labels.json
-  Bottlenecks: parquet/{split}-*.parquet
-  Head: head/ (head.keras, head.json)
-  Model: model/ (model.keras, saved_model/, labels.json)
-  StageReport: report.json and, for training and evaluation, metrics.json and plots.csv
+Paths come from pipeline/stages.py, the table dvc.yaml is generated from: each
+input and output lies at its project path under the artifact that holds it, e.g.
+Examples: artifacts/examples/{split}-*.tfrecord.gz and artifacts/labels.json;
+Bottlenecks: artifacts/bottlenecks/; Head: artifacts/head/; Model: artifacts/model/;
+StageReport: the stage's reports/, metrics/ and plots/ files; Evaluation: evaluate's.
+Per-epoch logs (DVCLive, TensorBoard) are the DVC path's: ML Metadata records this one.
 """
 
 import importlib
@@ -25,7 +25,7 @@ from tfx.types.artifact import Artifact
 
 from components.fetch import DOWNLOAD_DIR
 from pipeline import params as params_mod
-from pipeline import runtime
+from pipeline import runtime, stages
 
 PIPELINE_NAME = "graftline"
 
@@ -54,12 +54,19 @@ class Evaluation(Artifact):
     TYPE_NAME = "graftline.Evaluation"
 
 
-def _examples(a) -> Path:
-    return Path(a.uri) / "records"
+LOGS = {"live", "tensorboard"}  # per-epoch logs: the DVC path's
 
 
-def _labels(a) -> Path:
-    return Path(a.uri) / "labels.json"
+def _inputs(stage: str, **uris) -> dict:
+    """The named inputs of ``stage`` (pipeline/stages.py), each at its path under the artifact URI given for it."""
+    table = stages.STAGES[stage].inputs
+    return {name: Path(uri) / table[name].path for name, uri in uris.items()}
+
+
+def _outputs(stage: str, default_uri: str, **uris) -> dict:
+    """Every output of ``stage`` but the logs, at its path under its artifact's URI (``default_uri`` unless given)."""
+    return {name: Path(uris.get(name, default_uri)) / io.path
+            for name, io in stages.STAGES[stage].outputs.items() if name not in LOGS}
 
 
 def _call(stage: str, params_json: str, inputs: dict, outputs: dict) -> dict:
@@ -77,28 +84,21 @@ def _call(stage: str, params_json: str, inputs: dict, outputs: dict) -> dict:
 def Ingest(examples: OutputArtifact[Examples], report: OutputArtifact[StageReport],
            params_json: Parameter[str], downloads: Parameter[str], extract_dir: Parameter[str]):
     _call("ingest", params_json, {"downloads": downloads, "extract_dir": extract_dir},
-          {"examples": _examples(examples), "labels": _labels(examples),
-           "report": Path(report.uri) / "report.json"})
+          _outputs("ingest", report.uri, examples=examples.uri, labels=examples.uri))
 
 
 @component
 def Bottleneck(examples: InputArtifact[Examples], bottlenecks: OutputArtifact[Bottlenecks],
                report: OutputArtifact[StageReport], params_json: Parameter[str]):
-    _call("bottleneck", params_json, {"examples": _examples(examples)},
-          {"bottlenecks": Path(bottlenecks.uri) / "parquet", "report": Path(report.uri) / "report.json"})
-
-
-def _training_outputs(report) -> dict:
-    uri = Path(report.uri)
-    return {"metrics": uri / "metrics.json", "plots": uri / "plots.csv", "report": uri / "report.json"}
+    _call("bottleneck", params_json, _inputs("bottleneck", examples=examples.uri),
+          _outputs("bottleneck", report.uri, bottlenecks=bottlenecks.uri))
 
 
 @component
 def TrainHead(examples: InputArtifact[Examples], bottlenecks: InputArtifact[Bottlenecks],
               head: OutputArtifact[Head], report: OutputArtifact[StageReport], params_json: Parameter[str]):
-    _call("train_head", params_json,
-          {"bottlenecks": Path(bottlenecks.uri) / "parquet", "labels": _labels(examples)},
-          {"head": Path(head.uri) / "head", **_training_outputs(report)})
+    _call("train_head", params_json, _inputs("train-head", bottlenecks=bottlenecks.uri, labels=examples.uri),
+          _outputs("train-head", report.uri, head=head.uri))
 
 
 @component
@@ -108,20 +108,17 @@ def FineTune(examples: InputArtifact[Examples], head: InputArtifact[Head], model
     # re-run of a killed execution (a new execution id) finds them.
     pipeline_root = model.uri.rstrip("/").rsplit("/", 3)[0]
     _call("fine_tune", params_json,
-          {"examples": _examples(examples), "labels": _labels(examples), "head": Path(head.uri) / "head",
+          {**_inputs("fine-tune", examples=examples.uri, labels=examples.uri, head=head.uri),
            "checkpoints": f"{pipeline_root}/checkpoints/fine_tune"},
-          {"model": Path(model.uri) / "model", "curves": Path(report.uri) / "learning_curves.png",
-           **_training_outputs(report)})
+          _outputs("fine-tune", report.uri, model=model.uri))
 
 
 @component
 def Evaluate(examples: InputArtifact[Examples], model: InputArtifact[Model], fine_tune_report: InputArtifact[StageReport],
              evaluation: OutputArtifact[Evaluation], params_json: Parameter[str]):
-    uri = Path(evaluation.uri)
-    _call("evaluate", params_json, {"examples": _examples(examples), "model": Path(model.uri) / "model",
-                                    "curves": Path(fine_tune_report.uri) / "learning_curves.png"},
-          {"metrics": uri / "metrics.json", "confusion": uri / "confusion.csv",
-           "confusion_png": uri / "confusion.png", "report": uri / "report.json", "html": uri / "evaluate.html"})
+    _call("evaluate", params_json,
+          _inputs("evaluate", examples=examples.uri, model=model.uri, curves=fine_tune_report.uri),
+          _outputs("evaluate", evaluation.uri))
 
 
 def create_pipeline(params, pipeline_root: str, downloads: str, extract_dir: str,
@@ -176,7 +173,8 @@ def run_local(params_path: str, root: Path) -> dict:
     LocalDagRunner().run(create_pipeline(params, str((root / "pipeline").resolve()), str(Path(DOWNLOAD_DIR).resolve()),
                                          str(Path("data/raw").resolve()), str((root / "metadata.sqlite").resolve())))
     uris = latest_artifacts(root)
-    metrics = json.loads((Path(uris[Evaluation.TYPE_NAME]) / "metrics.json").read_text())
+    metrics_file = stages.STAGES["evaluate"].outputs["metrics"].path
+    metrics = json.loads((Path(uris[Evaluation.TYPE_NAME]) / metrics_file).read_text())
     (root / "latest.json").write_text(json.dumps({"artifacts": uris, "evaluate": metrics}, indent=2) + "\n")
     return metrics
 

@@ -17,17 +17,17 @@ def test_tfx_run_gives_the_dvc_runs_metrics(project, tfx_run):
     latest = load(tfx_run / "latest.json")
     uris = latest["artifacts"]
     evaluation = Path(uris["graftline.Evaluation"])
-    assert load(evaluation / "metrics.json") == load(project.first / "metrics/evaluate.json")
+    assert load(evaluation / "metrics/evaluate.json") == load(project.first / "metrics/evaluate.json")
     assert latest["evaluate"] == load(project.first / "metrics/evaluate.json")
     # Training stages too: same params, same CPU, same numbers.
     reports = {Path(u).parts[-3]: Path(u) for u in map(str, Path(tfx_run, "pipeline").glob("*/report/*"))}
-    assert load(reports["TrainHead"] / "metrics.json") == load(project.first / "metrics/train_head.json")
+    assert load(reports["TrainHead"] / "metrics/train_head.json") == load(project.first / "metrics/train_head.json")
     dvc_fine_tune = load(project.first / "metrics/fine_tune.json")
     tflite = {k for k in dvc_fine_tune if k.startswith("tflite_")}  # the TFX run skips TFLite (conftest)
-    assert len(tflite) == 2 and load(reports["FineTune"] / "metrics.json") == {
+    assert len(tflite) == 2 and load(reports["FineTune"] / "metrics/fine_tune.json") == {
         k: v for k, v in dvc_fine_tune.items() if k not in tflite}
-    assert (Path(uris["graftline.Model"]) / "model" / "model.keras").is_file()
-    assert (Path(uris["graftline.Model"]) / "model" / "saved_model" / "saved_model.pb").is_file()
+    assert (Path(uris["graftline.Model"]) / "artifacts/model/model.keras").is_file()
+    assert (Path(uris["graftline.Model"]) / "artifacts/model/saved_model/saved_model.pb").is_file()
 
 
 def test_tfx_lineage_is_recorded_in_sqlite_mlmd(tfx_run):
