@@ -10,7 +10,8 @@
   file formats (records, features, vector_cache), the one image path (images),
   photo checks (photos), batches of photos (datasets), the head and its files
   (head), the base networks (base_models), cached activations (activations),
-  devices and distribution (devices), Beam runners and Dask (beam_runners),
+  devices (devices), training on several machines (multi_worker), the base as a
+  Beam model handler (beam_inference), Beam runners and Dask (beam_runners),
   where parts land (publishing), the export (export), inference one photo at a
   time (inference), plots, the evaluation page (report), the logs a training
   stage writes (callbacks), the gate, downloads (fetch), atomic writes (atomic)

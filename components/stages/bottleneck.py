@@ -17,7 +17,7 @@ nothing; the output folder appears only once complete (renamed into place,
 then ``manifest.json``). The counts in the report come from the receipts,
 since the DaskRunner has no metrics.
 
-The model handler loads the base once per worker process and runs decode +
+The model handler (components/beam_inference.py) loads the base once per worker process and runs decode +
 resize + preprocessing + base in one ``tf.function`` on batches of
 ``bottleneck.batch_size``. Features are cached per image under a
 fingerprint of everything that determines them (base, alpha, weights file
@@ -31,141 +31,40 @@ Dask worker's working folder is not the client's. ``bottleneck.runner``
 DirectRunner runs here in one process or ``bottleneck.workers`` processes;
 ``dask`` runs on a Dask cluster (``bottleneck.dask_address``, or a local
 one with ``bottleneck.workers`` processes); any other name goes to Beam with
-``bottleneck.beam_options`` unchanged (Flink, Spark, Dataflow).
+``bottleneck.beam_options`` unchanged (Flink, Spark, Dataflow); the runner's flags and a local
+Dask cluster's lifecycle are components/beam_runners.py's, where parts land components/publishing.py's.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.ml.inference import base as beam_inference
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from components import base_models, features, images, records
+from components import base_models, features, records
+from components.beam_inference import FeatureExtractorHandler, ShardWork, extractor_for
 from components.atomic import write_json
 from components.beam_runners import beam_flags, dask_scheduler, is_dask, run_to_completion
 from components.publishing import absolute, published
 from components.vector_cache import VectorCache, written
 from components.errors import GraftlineError
 
-# Beam 2.77 imports `resource` together with an optional torch-only module, so
-# without torch it loses `resource` too and warns on every batch that memory
-# cannot be measured. Give it the standard module back (runs in every worker
-# that unpickles this module's handler).
-if getattr(beam_inference, "resource", True) is None:
-    import resource as _resource
-
-    beam_inference.resource = _resource
-
 MANIFEST = "manifest.json"
 RECEIPT_SUFFIX = ".receipt.json"
-# Extractors and their tf.functions built in this process, by (model, alpha, image_size,
-# weights, ...): the one run() builds to check the weights is reused by an in-memory
-# runner's handler, and a Dask worker builds one for all the shards it is given.
-_EXTRACTORS: dict[tuple, Any] = {}
-_INFER_FUNCTIONS: dict[tuple, Any] = {}
-
-
-def extractor_for(model: str, alpha: float, image_size: int, weights_path: str | None, feature_layer: str = "",
-                  upsample: int = 1):
-    # The input block's noise is off at inference, so it does not change features.
-    key = (model, alpha, image_size, weights_path, feature_layer, 0.0, upsample)
-    if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = base_models.build_feature_extractor(*key)
-    return _EXTRACTORS[key]
 
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
-
-@dataclasses.dataclass
-class ShardWork:
-    """One shard on its way through the pipeline: its rows, the cached features, the misses."""
-    split: str
-    part: str  # the Parquet file this shard becomes
-    keys: list[str]
-    labels: list[int]
-    sha256s: list[str]  # of the encoded bytes the network sees: the cache key
-    cached: dict[int, np.ndarray]  # row index -> features from the cache
-    missing: list[int]  # row indices to compute, in order
-    images: list[bytes]  # their encoded bytes
-    rejected: int  # cache entries that existed but were unreadable (recomputed)
-
-
-class FeatureExtractorHandler(ModelHandler[ShardWork, PredictionResult, Any]):
-    """A shard's missing images -> pooled base features, in batches of batch_size, in one tf.function.
-
-    RunInference gets it pre-batched (``with_no_batching``): its element is a
-    list of ShardWork, so no batch is formed in finish_bundle, which the
-    DaskRunner would drop.
-    """
-
-    def __init__(self, model: str, alpha: float, image_size: int, weights_path: str | None,
-                 feature_layer: str, upsample: int, batch_size: int, tf_threads: int = 0):
-        super().__init__()
-        self._spec = (model, alpha, image_size, weights_path, feature_layer, upsample)
-        self._batch_size = batch_size
-        self._tf_threads = tf_threads
-        self._bar = None
-
-    def load_model(self):
-        import tensorflow as tf
-
-        if self._spec in _INFER_FUNCTIONS:  # the Dask runner sets the DoFn up once per shard
-            return _INFER_FUNCTIONS[self._spec]
-        if self._tf_threads:
-            try:  # a fresh worker process: size its pools so workers x threads <= cores
-                tf.config.threading.set_intra_op_parallelism_threads(self._tf_threads)
-                tf.config.threading.set_inter_op_parallelism_threads(self._tf_threads)
-            except RuntimeError:
-                pass  # TensorFlow already running in this process (in-memory mode): keep its pools
-        extractor = extractor_for(*self._spec)
-        image_size = self._spec[2]
-
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], reduce_retracing=True)
-        def infer(image_bytes):
-            return extractor(images.decode_batch(image_bytes, image_size), training=False)
-
-        infer.extractor = extractor  # keep the Keras model alive with its function
-        _INFER_FUNCTIONS[self._spec] = infer
-        return infer
-
-    def run_inference(self, batch: Sequence[ShardWork], model, inference_args=None) -> Iterable[PredictionResult]:
-        import tensorflow as tf
-
-        results = []
-        for work in batch:
-            chunks = [model(tf.constant(work.images[i:i + self._batch_size])).numpy()
-                      for i in range(0, len(work.images), self._batch_size)]
-            self._progress(len(work.images))
-            results.append(PredictionResult(work, np.concatenate(chunks) if chunks else None))
-        return results
-
-    def _progress(self, n: int) -> None:
-        from tqdm import tqdm
-
-        if self._bar is None:
-            self._bar = tqdm(desc=f"bottleneck: forward passes (pid {os.getpid()})", unit="img")
-        self._bar.update(n)
-
-    def get_num_bytes(self, batch: Sequence[ShardWork]) -> int:
-        return sum(len(b) for work in batch for b in work.images)
-
-    def get_metrics_namespace(self) -> str:
-        return "graftline_bottleneck"
 
 
 class ReadShard(beam.DoFn):
