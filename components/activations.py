@@ -92,8 +92,6 @@ def compute(front, examples_dir, split: str, views, image_size: int, caches: dic
     ``batch_size`` per view (so recomputed values depend on the batch in their last
     bits; see features.RECOMPUTED_ATOL).
     """
-    import hashlib
-
     import tensorflow as tf
     from tqdm import tqdm
 
@@ -155,6 +153,8 @@ def batches(acts: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: 
     """
     import keras
 
+    one_hot = np.eye(num_classes, dtype=np.float32)
+
     class ActivationBatches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
@@ -175,14 +175,18 @@ def batches(acts: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: 
 
         def __getitem__(self, index):
             rows = self.order[index * batch_size:(index + 1) * batch_size]
-            x = acts[rows, self.views[rows]].astype(np.float32)
-            y = np.eye(num_classes, dtype=np.float32)[labels[rows]]
+            x, y = self._example(rows)
             if mixup:
-                other, share = self.partner[rows], self.share[rows]
-                x = share.reshape((-1,) + (1,) * (x.ndim - 1)) * x + (1 - share.reshape(
-                    (-1,) + (1,) * (x.ndim - 1))) * acts[other, self.views[other]].astype(np.float32)
-                y = share[:, None] * y + (1 - share[:, None]) * np.eye(num_classes, dtype=np.float32)[labels[other]]
+                share = self.share[rows]
+                x_other, y_other = self._example(self.partner[rows])
+                x_share = share.reshape((-1,) + (1,) * (x.ndim - 1))
+                x = x_share * x + (1 - x_share) * x_other
+                y = share[:, None] * y + (1 - share[:, None]) * y_other
             return x, y
+
+        def _example(self, rows):
+            """(activations in this epoch's view, one-hot labels) of ``rows``."""
+            return acts[rows, self.views[rows]].astype(np.float32), one_hot[labels[rows]]
 
         def on_epoch_end(self):
             self.epoch += 1

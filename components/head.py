@@ -41,10 +41,15 @@ def keras_verbosity() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
+def curve_row(epoch: int, logs: dict) -> list:
+    """One CURVE_COLUMNS row: the epoch's number and its Keras logs, rounded as every curve file holds them."""
+    return [epoch] + [round(float(logs[c]), 6) for c in CURVE_COLUMNS[1:]]
+
+
 def curve_rows(history: dict, first_epoch: int) -> list[list]:
     """Keras' History as CURVE_COLUMNS rows, epochs numbered from ``first_epoch``."""
-    n = len(history["loss"])
-    return [[first_epoch + i] + [round(float(history[c][i]), 6) for c in CURVE_COLUMNS[1:]] for i in range(n)]
+    return [curve_row(first_epoch + i, {c: history[c][i] for c in CURVE_COLUMNS[1:]})
+            for i in range(len(history["loss"]))]
 
 
 def early_stopping(patience: int) -> list:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import confusion_matrix
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from components import devices, gate, inference, plots, records, report
 from components.atomic import read_json, write_csv, write_json
@@ -29,8 +29,6 @@ from components.datasets import image_dataset
 
 def per_class_scores(actual: np.ndarray, predicted: np.ndarray, labels: list[str]) -> dict:
     """Precision, recall, F1 and support per class (scikit-learn's; 0 where a class is never predicted)."""
-    from sklearn.metrics import precision_recall_fscore_support
-
     precision, recall, f1, support = precision_recall_fscore_support(
         actual, predicted, labels=list(range(len(labels))), zero_division=0)
     return {name: {"precision": round(float(precision[i]), 6), "recall": round(float(recall[i]), 6),

@@ -39,8 +39,8 @@ from components.fetch import sha256_of
 from components.errors import GraftlineError
 from components.vector_cache import VectorCache
 from components.datasets import augmenter, image_dataset, split_batch_size
-from components.head import (CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, best_row, early_stopping,
-                             keras_verbosity, make_optimizer)
+from components.head import (CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, best_row, curve_row,
+                             early_stopping, keras_verbosity, make_optimizer)
 
 TFLITE_CHECK_MAX = 256  # test photos the TFLite models are compared with Keras on, one at a time
 CHECKPOINT_STATE = "state.json"
@@ -85,7 +85,7 @@ def checkpoint_callback(folder: Path, fingerprint: str, done_rows: list, first_e
 
     class EpochCheckpoint(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            done_rows.append([first_epoch + epoch] + [round(float(logs[c]), 6) for c in CURVE_COLUMNS[1:]])
+            done_rows.append(curve_row(first_epoch + epoch, logs))
             name = f"epoch-{epoch + 1:04d}"
             with atomic_dir(folder / name) as tmp:
                 self.model.save(tmp / export.MODEL_FILE)
