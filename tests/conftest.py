@@ -32,6 +32,24 @@ OTHER_FINE_TUNE_AT = 120
 SNAPSHOT = ("params.yaml", "dvc.lock", "metrics", "plots", "reports", "artifacts/labels.json")
 
 
+# The fixtures of one session pipeline (below): every test that uses one runs on the same xdist worker.
+SESSION_PIPELINE = {"project", "experiment", "tfx_run"}
+# More workers than this would each hold TensorFlow (GBs) for little gain on a small machine.
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """xdist groups (--dist loadgroup): the session pipeline's tests in one, each other module in its own, so
+    that session- and module-scoped fixtures run once in the whole run, not once per worker."""
+    for item in items:
+        uses_pipeline = SESSION_PIPELINE & set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.xdist_group("session-pipeline" if uses_pipeline else item.path.stem))
+
+
 def require_shared() -> None:
     missing = [p for p in (FLOWERS, WEIGHTS_224) if not p.exists()]
     if missing:
