@@ -42,6 +42,7 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     """xdist groups (--dist loadgroup): the session pipeline's tests in one, each other module in its own, so
     that session- and module-scoped fixtures run once in the whole run, not once per worker."""
@@ -156,3 +157,4 @@ def tfx_run(project: Project) -> Path:
     run(["graftline", "--params", str(root.parent / "tfx-params.yaml"), "tfx-run", "--root", str(root)],
         project.root, project.env, project.root.parent / "logs" / "tfx-run.log")
     return root
+
