@@ -208,8 +208,10 @@ def predict(args) -> int:
 
     if args.top_k < 1:
         raise GraftlineError(f"--top-k {args.top_k}: expected an integer >= 1")
-    runtime.configure_devices("evaluate", None)
-    results = predict_mod.predict(Path(args.model), args.targets, args.top_k)
+    results, photos = predict_mod.check(Path(args.model), args.targets)
+    if photos:  # TensorFlow only loads when there is a photo to predict
+        runtime.configure_devices("evaluate", None)
+        predict_mod.predict(Path(args.model), photos, args.top_k)
     if results:
         print(json.dumps(results, indent=2) if args.json else predict_mod.as_text(results))
     predict_mod.require_some(results, args.targets)

@@ -193,6 +193,8 @@ def test_export_round_trip_keras_saved_model_tflite(project):
     loaded = tf.saved_model.load(str(model_dir / "saved_model"))  # keep it alive while serve runs
     served = loaded.serve(tf.constant([r.image for r in recs]))
     np.testing.assert_allclose(served["probabilities"].numpy(), keras_p, atol=1e-5)
+    # decoded images in: what the TFLite files are converted from
+    np.testing.assert_allclose(loaded.serve_images(tf.constant(pixels)).numpy(), keras_p, atol=1e-5)
     float_p = export.tflite_predict((model_dir / "model.tflite").read_bytes(), pixels)
     np.testing.assert_allclose(float_p, keras_p, atol=1e-4)
     quantized = export.tflite_predict((model_dir / "model_dynamic_range.tflite").read_bytes(), pixels)

@@ -30,31 +30,35 @@ def photo_paths(targets: list[str]) -> Iterator[Path]:
             raise GraftlineError(f"{target}: no such file or folder")
 
 
-def predict(model_dir: Path, targets: list[str], top_k: int) -> list[dict]:
-    """One entry per file: {path, top: [{class, probability}, ...]} or {path, skipped: reason}."""
+def check(model_dir: Path, targets: list[str]) -> tuple[list[dict], list[tuple[Path, bool, dict]]]:
+    """Every file through ingest's checks, before TensorFlow or the model loads: one entry per file
+    ({path} or {path, skipped: reason}) and the photos to predict (path, re-encode?, their entry)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / SAVED_MODEL_DIR).is_dir():
+        raise GraftlineError(f"{model_dir / SAVED_MODEL_DIR} not found; run the pipeline (fine-tune exports it)")
+    results, photos = [], []
+    for path in photo_paths(targets):
+        reencode, reason = check_image(path.read_bytes())
+        results.append({"path": str(path), **({"skipped": reason} if reason else {})})
+        if not reason:
+            photos.append((path, reencode, results[-1]))
+    return results, photos
+
+
+def predict(model_dir: Path, photos: list[tuple[Path, bool, dict]], top_k: int) -> None:
+    """Fill each checked photo's entry with its top classes: {class, probability}, best first."""
     import json
 
     import tensorflow as tf
 
-    model_dir = Path(model_dir)
-    if not (model_dir / SAVED_MODEL_DIR).is_dir():
-        raise GraftlineError(f"{model_dir / SAVED_MODEL_DIR} not found; run the pipeline (fine-tune exports it)")
-    labels = json.loads((model_dir / LABELS_FILE).read_text())
-    serve = tf.saved_model.load(str(model_dir / SAVED_MODEL_DIR)).signatures["serve"]
-    results = []
-    for path in photo_paths(targets):
+    labels = json.loads((Path(model_dir) / LABELS_FILE).read_text())
+    serve = tf.saved_model.load(str(Path(model_dir) / SAVED_MODEL_DIR)).signatures["serve"]
+    for path, reencode, entry in photos:
         data = path.read_bytes()
-        reencode, reason = check_image(data)
-        entry = {"path": str(path)}
-        results.append(entry)
-        if reason:
-            entry["skipped"] = reason
-            continue
         # One photo per call, as evaluate runs them: a photo's probabilities do not depend on the others.
         p = serve(image_bytes=tf.constant([reencoded(data) if reencode else data]))["probabilities"].numpy()[0]
         best = np.argsort(-p, kind="stable")[:top_k]
         entry["top"] = [{"class": labels[i], "probability": round(float(p[i]), 6)} for i in best]
-    return results
 
 
 def require_some(results: list[dict], targets: list[str]) -> None:
