@@ -3,8 +3,10 @@ paths are written once (pipeline/stages.py) and dvc.yaml is what that table make
 included (each stage module's import closure)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline import cli, stages
@@ -62,3 +64,11 @@ def test_these_checks_need_neither_tensorflow_nor_beam():
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_xdist_groups_take_effect(request):
+    """Under xdist this test's id carries its group (tests/conftest.py). Without it every worker would build
+    its own session pipeline: pytest 9.2 moved the node ids that xdist 3.8 rewrites, and nothing said so."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.skip("not under xdist (pytest -n 0)")
+    assert request.node.nodeid.endswith("@test_structure"), request.node.nodeid
