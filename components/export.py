@@ -58,8 +58,9 @@ def saved_model(model, labels: list[str], image_size: int, path: Path) -> None:
         return float_model(pixels, training=False)
 
     archive = keras.export.ExportArchive()
-    for tracked in {id(m): m for m in (model, float_model)}.values():
-        archive.track(tracked)
+    archive.track(model)
+    if float_model is not model:  # a mixed-precision model: its float32 twin's weights go in too
+        archive.track(float_model)
     archive.add_endpoint("serve", serve)
     archive.add_endpoint(IMAGES_SIGNATURE, serve_images)
     archive.write_out(str(path), verbose=False)
