@@ -82,6 +82,18 @@ def run(cmd: list[str], cwd: Path, env: dict, log: Path, timeout: int = 1200) ->
     return output
 
 
+# The last stdout line of cli_probe when the command did not import TensorFlow.
+TENSORFLOW_NOT_LOADED = "tensorflow loaded: False"
+
+
+def cli_probe(args: list[str], cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`graftline ARGS` in a fresh process whose last stdout line says whether TensorFlow was imported."""
+    probe = ("import sys; sys.argv = ['graftline', *sys.argv[1:]]; from pipeline.cli import main; code = main(); "
+             "print('tensorflow loaded:', 'tensorflow' in sys.modules); sys.exit(code)")
+    return subprocess.run([sys.executable, "-c", probe, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 @dataclass
 class Project:
     root: Path  # the temporary git + DVC repo

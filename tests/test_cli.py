@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from conftest import TENSORFLOW_NOT_LOADED, cli_probe
 from drawing import make_class_tree
 
 BIN = Path(sys.executable).parent
@@ -94,13 +95,10 @@ def test_ingest_runs_without_tensorflow(tmp_path):
     make_class_tree(tmp_path / "photos", {"cats": 6, "dogs": 6})
     write_params(tmp_path, {"data": {"source": str(tmp_path / "photos"), "sha256": "",
                                      "val_percent": 30, "test_percent": 30}})
-    probe = ("import sys; sys.argv = ['graftline', 'ingest']; "
-             "from pipeline.cli import main; code = main(); "
-             "print('tensorflow' in sys.modules); sys.exit(code)")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    result = cli_probe(["ingest"], tmp_path, {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+                       timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "False"
+    assert result.stdout.splitlines()[-1] == TENSORFLOW_NOT_LOADED
     assert "ingest: writing TFRecords" in result.stderr  # the progress bars come through
     assert (tmp_path / "artifacts" / "examples").is_dir()
 

@@ -17,6 +17,7 @@ import yaml
 
 from components import fetch
 from components.errors import GraftlineError
+from conftest import TENSORFLOW_NOT_LOADED, cli_probe
 from drawing import make_class_tree, make_tar, tree_members
 from loopback import serve
 
@@ -287,20 +288,16 @@ def test_predict_with_nothing_to_predict_is_non_zero_with_the_reason(project, tm
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not a photo\n")
     model = str(project.root / "artifacts" / "model")
-    # The CLI in a probe that says whether TensorFlow was loaded: with no photo, neither it nor the model is.
-    probe = ("import sys; sys.argv = ['graftline', 'predict', *sys.argv[1:]]; from pipeline.cli import main; "
-             "code = main(); print('tensorflow loaded:', 'tensorflow' in sys.modules); sys.exit(code)")
-
+    # With no photo, neither TensorFlow nor the model is loaded.
     def predict(target: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", probe, "--model", model, target], cwd=tmp_path,
-                              env=project.env, capture_output=True, text=True, timeout=300)
+        return cli_probe(["predict", "--model", model, target], tmp_path, project.env)
 
     empty = predict(str(tmp_path / "empty"))
     one_line_error(empty, "predict", str(tmp_path / "empty"), "no files")
     text = predict(str(tmp_path / "notes.txt"))
     line = one_line_error(text, "predict", "nothing was predicted", "1 file")
     assert f"{tmp_path / 'notes.txt'}: skipped (not an image)" in text.stdout, line
-    assert empty.stdout.splitlines()[-1] == text.stdout.splitlines()[-1] == "tensorflow loaded: False"
+    assert empty.stdout.splitlines()[-1] == text.stdout.splitlines()[-1] == TENSORFLOW_NOT_LOADED
 
 
 # ------------------------------------------------------------------ 7. smaller ones
