@@ -88,9 +88,9 @@ def compute(front, examples_dir, split: str, views, image_size: int, caches: dic
     """(activations [n, views, *shape] float16, labels [n] int64) of one split, cached per photo and view.
 
     ``caches``: view -> VectorCache, or None to keep nothing on disk. Photos whose
-    activations are cached are read; the others run through ``front`` in batches of
-    ``batch_size`` per view (so recomputed values depend on the batch in their last
-    bits; see features.RECOMPUTED_ATOL).
+    activations are cached are read; the others are decoded once and run through ``front``
+    in batches of ``batch_size`` views, each photo's views together (so recomputed values depend
+    on the batch in their last bits; see features.RECOMPUTED_ATOL).
     """
     import tensorflow as tf
     from tqdm import tqdm
@@ -98,28 +98,30 @@ def compute(front, examples_dir, split: str, views, image_size: int, caches: dic
     from components import records
 
     shape = tuple(int(d) for d in front.output_shape[1:])
-    functions = {}
-    for name in views:
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
-        def run(image_bytes, name=name):
-            return front(images.view(images.decode_batch(image_bytes, image_size), name), training=False)
-        functions[name] = run
 
-    rows, labels, pending = [], [], {name: [] for name in views}
+    # Each photo is decoded once, and its views go through ``front`` as one batch (view by view).
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def run(image_bytes):
+        decoded = images.decode_batch(image_bytes, image_size)
+        return front(tf.concat([images.view(decoded, name) for name in views], axis=0), training=False)
+
+    rows, labels, pending = [], [], []
     computed = 0
 
-    def flush(name):
+    def flush():
         nonlocal computed
-        if not pending[name]:
+        if not pending:
             return
-        out = functions[name](tf.constant([data for _, _, data in pending[name]])).numpy().astype(STORED_DTYPE)
-        for (row, sha, _), array in zip(pending[name], out):
-            rows[row][views.index(name)] = array
-            if caches.get(name) is not None:
-                caches[name].put(sha, array)
-        computed += len(pending[name])
-        bar.update(len(pending[name]))
-        pending[name] = []
+        out = run(tf.constant([data for _, _, data, _ in pending])).numpy().astype(STORED_DTYPE)
+        out = out.reshape((len(views), len(pending)) + shape)
+        for i, (row, sha, _, missing) in enumerate(pending):
+            for v in missing:  # a view already cached keeps its cached value
+                rows[row][v] = out[v, i]
+                if caches.get(views[v]) is not None:
+                    caches[views[v]].put(sha, out[v, i])
+            computed += len(missing)
+            bar.update(len(missing))
+        pending.clear()
 
     with tqdm(desc=f"fine-tune: {split} activations ({' + '.join(views)})", unit="view") as bar:
         for example in records.dataset(examples_dir, split):
@@ -128,17 +130,19 @@ def compute(front, examples_dir, split: str, views, image_size: int, caches: dic
             row = len(rows)
             rows.append(np.empty((len(views),) + shape, STORED_DTYPE))
             labels.append(int(example[records.LABEL]))
-            for name in views:
+            missing = []
+            for v, name in enumerate(views):
                 cached, _ = caches[name].get(sha) if caches.get(name) is not None else (None, False)
                 if cached is None:
-                    pending[name].append((row, sha, data))
-                    if len(pending[name]) == batch_size:
-                        flush(name)
+                    missing.append(v)
                 else:
-                    rows[row][views.index(name)] = cached
+                    rows[row][v] = cached
                     bar.update()
-        for name in views:
-            flush(name)
+            if missing:
+                pending.append((row, sha, data, missing))
+                if len(pending) * len(views) >= batch_size:  # front's batch: batch_size views, as before
+                    flush()
+        flush()
     acts = np.stack(rows) if rows else np.zeros((0, len(views)) + shape, STORED_DTYPE)
     return acts, np.asarray(labels, np.int64), computed
 

@@ -16,20 +16,20 @@ from pathlib import Path
 from pipeline import console, runtime, stages  # runtime quiets TensorFlow before it is imported
 
 # stage -> (module, inputs, outputs), paths relative to the project folder: pipeline/stages.py's
-# table, which dvc.yaml is generated from (check-params validates params alone: no paths).
+# table, which dvc.yaml is generated from.
 STAGES = {command: (stage.module, stages.paths(stage.inputs), stages.paths(stage.outputs))
-          for command, stage in stages.STAGES.items() if command != "check-params"}
+          for command, stage in stages.STAGES.items()}
 
 WITHOUT_TENSORFLOW = ("download", "ingest")  # stages that never import it (seconds saved on every run)
 
 HELP = {
-    "check-params": "validate params.yaml (dvc.yaml runs it whenever params.yaml changes)",
     "download": "data.url -> data.source when it lies in data/download/ (so DVC tracks a local archive)",
     "ingest": "photos (folder or archive) -> TFRecord shards per split, labels.json, reports/ingest.json",
     "bottleneck": "TFRecords -> Parquet features of the frozen base (Apache Beam RunInference)",
     "train-head": "train the Dropout + Dense head on the cached features",
     "fine-tune": "train base layers >= fine_tune_at with the head; export artifacts/model/",
     "evaluate": "test split: accuracy, per-class precision/recall/F1, confusion matrix",
+    "check-params": "validate params.yaml and run nothing (every stage does it first)",
 }
 
 # What each stage prints when it is done (the full figures are in its output files).

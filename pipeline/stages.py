@@ -61,6 +61,7 @@ class Stage:
     params: tuple[str, ...]
     comment: str = ""
     data_deps: tuple[str, ...] = ()  # deps that are not another stage's output (with their comment lines)
+    also_runs: tuple[str, ...] = ()  # modules the command runs besides the stage's (their closure: code deps too)
 
     @property
     def dvc_name(self) -> str:
@@ -70,10 +71,6 @@ class Stage:
 TRAINING = ("train.device", "train.mixed_precision", "train.strategy")
 
 STAGES: dict[str, Stage] = {s.command: s for s in (
-    Stage("check-params", "pipeline.params", {}, {}, ("params.yaml:",),
-          comment="All of params.yaml, validated whenever it changes: a misspelled key (dvc exp run -S "
-                  "+fine_tun_at=120)\nfails the run even when no other stage's params changed. Seconds, no "
-                  "TensorFlow, no outputs."),
     Stage("download", "components.stages.download", {},
           {"folder": out("data/download", "outs", ("persist", True))},
           ("data.source", "data.url", "data.sha256"),
@@ -119,7 +116,11 @@ STAGES: dict[str, Stage] = {s.command: s for s in (
            "confusion": out("plots/confusion.csv", "plots", *NO_CACHE, ("template", "confusion"), ("x", "actual"),
                             ("y", "predicted")),
            "confusion_png": out("plots/confusion.png", "plots", *NO_CACHE)},
-          ("evaluate.top_k", "evaluate.mistakes", "evaluate.thresholds")),
+          ("params.yaml:",), also_runs=("pipeline.params",),
+          comment="params: all of params.yaml, which every stage's command validates before anything else. Every\n"
+                  "change to it reaches this stage, so a misspelled key (dvc exp run -S +fine_tun_at=120) fails\n"
+                  "the run in a second even when no stage's params changed. It reads evaluate.top_k, .mistakes\n"
+                  "and .thresholds; a change to a param no stage reads (tfx.image) re-runs only this stage."),
 )}
 
 
@@ -157,12 +158,12 @@ def closure(module: str, modules: dict[str, Path] | None = None) -> set[str]:
     return seen
 
 
-def code_deps(module: str) -> list[str]:
-    """The stage module's file first, then every project file it imports, directly or not, sorted.
-    A package's __init__ is its docstring: not a code dep."""
+def code_deps(module: str, *also: str) -> list[str]:
+    """The stage module's file first, then every project file it (or ``also``) imports, directly or not,
+    sorted. A package's __init__ is its docstring: not a code dep."""
     modules = project_modules()
-    files = {str(modules[m].relative_to(ROOT)) for m in closure(module, modules)
-             if modules[m].name != "__init__.py"}
+    reached = set().union(*(closure(m, modules) for m in (module, *also)))
+    files = {str(modules[m].relative_to(ROOT)) for m in reached if modules[m].name != "__init__.py"}
     first = str(modules[module].relative_to(ROOT))
     return [first] + sorted(files - {first})
 
@@ -172,9 +173,9 @@ def code_deps(module: str) -> list[str]:
 
 HEADER = """\
 # GENERATED from pipeline/stages.py by `python -m pipeline.stages`: edit that table, not this file.
-# Five stages, each one `graftline <stage>`, after two small ones. Deps and params are exactly what
-# each stage reads, so `dvc exp run -S fine_tune_at=N` re-runs fine_tune and evaluate (and
-# check_params) only. Code deps are the import closure of the stage's module.
+# Five stages, each one `graftline <stage>`, after a small download one. Deps and params are exactly
+# what each stage reads (evaluate: all params, see there), so `dvc exp run -S fine_tune_at=N` re-runs
+# fine_tune and evaluate only. Code deps are the import closure of the stage's module.
 stages:"""
 
 PLOTS = """\
@@ -204,7 +205,7 @@ def dvc_yaml() -> str:
         lines += [f"  {stage.dvc_name}:", f"    cmd: graftline {stage.command}", "    deps:"]
         lines += [f"      {d}" if d.startswith("#") else f"      - {d}" for d in stage.data_deps]
         lines += [f"      - {d.path}" for io in stage.inputs.values() for d in io.declared]
-        lines += [f"      - {path}" for path in code_deps(stage.module)]
+        lines += [f"      - {path}" for path in code_deps(stage.module, *stage.also_runs)]
         lines.append("    params:")
         lines += [f"      - {p}" for p in stage.params]
         declared = [d for io in stage.outputs.values() for d in io.declared]

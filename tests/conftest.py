@@ -3,8 +3,8 @@
 The end-to-end fixtures copy this repo into a temporary git repo, point
 params at ../shared/data/flowers, give Keras a temporary KERAS_HOME holding
 the shared ImageNet weights, and run the real `dvc repro`, then
-`dvc exp run -S fine_tune_at=...` and `graftline tfx-run`. Many tests read
-their outputs. Without ../shared they skip, unless GRAFTLINE_REQUIRE_SHARED=1
+`graftline tfx-run`. Many tests read their outputs; tests that change a
+project (experiments, the CI gate) work on a copy (test_ci_evaluate.copy_project). Without ../shared they skip, unless GRAFTLINE_REQUIRE_SHARED=1
 (set by .ci/run), which turns the skip into a failure.
 """
 from __future__ import annotations
@@ -26,14 +26,12 @@ WEIGHTS_224 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kern
 # What Keras looks for at the default 160 px; the 224 file works at 160 (../shared/weights/README.md).
 KERAS_NAME_160 = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_160_no_top.h5"
 BIN = Path(sys.executable).parent
-# fine_tune_at for the experiment: another value than the default 100.
-OTHER_FINE_TUNE_AT = 120
-# Keep what the pipeline wrote after the first `dvc repro`, before the experiment changes it.
+# Keep what the pipeline wrote after the first `dvc repro`, before a test changes it.
 SNAPSHOT = ("params.yaml", "dvc.lock", "metrics", "plots", "reports", "artifacts/labels.json")
 
 
 # The fixtures of one session pipeline (below): every test that uses one runs on the same xdist worker.
-SESSION_PIPELINE = {"project", "experiment", "tfx_run"}
+SESSION_PIPELINE = {"project", "tfx_run"}
 # More workers than this would each hold TensorFlow (GBs) for little gain on a small machine.
 MAX_WORKERS = 4
 
@@ -146,16 +144,6 @@ def project(tmp_path_factory) -> Project:
     run(["git", "add", "-A"], root, env, logs / "git-add-2.log")
     run(["git", "commit", "-qm", "first dvc repro"], root, env, logs / "git-commit-2.log")
     return Project(root, first, env, repro_log)
-
-
-@pytest.fixture(scope="session")
-def experiment(project: Project) -> str:
-    """`dvc exp run -S fine_tune_at=OTHER` after the full repro; returns DVC's output."""
-    # export.tflite=[] and 2 epochs: seconds saved; fine_tune params too, so nothing more re-runs.
-    return run(["dvc", "exp", "run", "-S", f"fine_tune_at={OTHER_FINE_TUNE_AT}", "-S", "export.tflite=[]",
-                "-S", "fine_tune.epochs=2"],
-               project.root, project.env,
-               project.root.parent / "logs" / "exp-run.log")
 
 
 @pytest.fixture(scope="session")

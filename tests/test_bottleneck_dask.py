@@ -1,8 +1,9 @@
 """The bottleneck stage on Beam's DaskRunner: a real `dask scheduler` and two `dask worker` processes on loopback.
 
-Against the session's DirectRunner run of the same 400 flower photos
-(`project`): the same features, work on both workers, `dvc repro` treating
-the output like any other, and a worker killed mid-run.
+On 100 of the shared flower photos (20 a class; its own xdist group, beside the
+session pipeline), against the DirectRunner on the same photos: the same
+features, work on both workers, `dvc repro` treating the output like any other,
+and a worker killed mid-run.
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ import yaml
 from components import features, records
 from components.stages import bottleneck
 from components.vector_cache import VectorCache
-from conftest import BIN, FLOWERS, copy_repo, run
+from conftest import BIN, FLOWERS, KERAS_NAME_160, WEIGHTS_224, copy_repo, project_env, require_shared, run
 from test_bottleneck import all_features as features_of
 
 pytestmark = pytest.mark.slow
-SHARD_SIZE = 25  # 400 photos -> 18 shards (12 train, 3 val, 3 test): tasks for both workers
+PHOTOS_PER_CLASS = 20
+SHARD_SIZE = 8  # 100 photos -> about 13 shards: tasks for both workers
 
 
 @dataclass
@@ -79,15 +81,15 @@ def dask_cluster(folder: Path, env: dict, n_workers: int = 2):
         log.close()
 
 
-def dask_params(root: Path, address: str, cache_dir: str) -> None:
+def dask_params(root: Path, address: str, cache_dir: str, photos: Path) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"].update(source=str(FLOWERS), sha256="", shard_size=SHARD_SIZE)
+    params["data"].update(source=str(photos), sha256="", shard_size=SHARD_SIZE)
     params["bottleneck"].update(runner="dask", dask_address=address, cache_dir=cache_dir)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def assert_same_features(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() and len(a) == 400
+    assert a.keys() == b.keys() and len(a) == 5 * PHOTOS_PER_CLASS
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert worst <= features.RECOMPUTED_ATOL, f"features differ from the DirectRunner's by up to {worst}"
 
@@ -97,41 +99,69 @@ def worker_pids(report: dict) -> dict[int, int]:
 
 
 @pytest.fixture(scope="module")
-def direct_features(project) -> dict[str, np.ndarray]:
-    """The session's `dvc repro` with the default DirectRunner."""
-    return features_of(project.root / "artifacts" / "bottlenecks")
+def env(tmp_path_factory) -> dict:
+    """The projects' environment: graftline on PATH, the shared ImageNet weights in a temporary KERAS_HOME."""
+    require_shared()
+    keras_home = tmp_path_factory.mktemp("keras")
+    (keras_home / "models").mkdir()
+    shutil.copy(WEIGHTS_224, keras_home / "models" / KERAS_NAME_160)
+    return project_env(keras_home)
 
 
 @pytest.fixture(scope="module")
-def direct_features_by_sha(project, direct_features) -> dict[str, np.ndarray]:
+def photos(tmp_path_factory) -> Path:
+    """The first PHOTOS_PER_CLASS photos of each class of ../shared/data/flowers, copied."""
+    folder = tmp_path_factory.mktemp("photos")
+    for cls in sorted(p for p in FLOWERS.iterdir() if p.is_dir()):
+        (folder / cls.name).mkdir()
+        for photo in sorted(cls.iterdir())[:PHOTOS_PER_CLASS]:
+            shutil.copy(photo, folder / cls.name / photo.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def direct_features(dask_project, env, tmp_path_factory) -> dict[str, np.ndarray]:
+    """The same photos' features from the default DirectRunner: `graftline bottleneck` on a copy of the project."""
+    root = tmp_path_factory.mktemp("direct") / "project"
+    shutil.copytree(dask_project["root"], root,
+                    ignore=shutil.ignore_patterns(".dvc", ".git", "feature_cache", "bottlenecks"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["bottleneck"].update(runner="DirectRunner", dask_address="", cache_dir="")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run([str(BIN / "graftline"), "bottleneck"], root, env, root.parent / "bottleneck.log")
+    return features_of(root / "artifacts" / "bottlenecks")
+
+
+@pytest.fixture(scope="module")
+def direct_features_by_sha(dask_project, direct_features) -> dict[str, np.ndarray]:
     """The same, keyed like the feature cache (sha256 of the image bytes)."""
     import hashlib
 
     by_sha = {}
     for split in records.SPLITS:
-        for shard in records.shard_paths(project.root / "artifacts" / "examples", split):
+        for shard in records.shard_paths(dask_project["root"] / "artifacts" / "examples", split):
             for record in records.read_shard(str(shard)):
                 by_sha[hashlib.sha256(record.image).hexdigest()] = direct_features[record.key]
     return by_sha
 
 
 @pytest.fixture(scope="module")
-def dask_project(project, tmp_path_factory):
+def dask_project(env, photos, tmp_path_factory):
     """ingest + bottleneck by `dvc repro bottleneck` in a fresh git repo, bottleneck on the Dask cluster."""
     base = tmp_path_factory.mktemp("dask")
     root = base / "project"
     root.mkdir()
     copy_repo(root)
-    with dask_cluster(base / "cluster", project.env) as cluster:
-        dask_params(root, cluster.address, "data/feature_cache")  # relative: the client resolves it
+    with dask_cluster(base / "cluster", env) as cluster:
+        dask_params(root, cluster.address, "data/feature_cache", photos)  # relative: the client resolves it
         logs = base / "logs"
         logs.mkdir()
-        run(["git", "init", "-q", "-b", "main"], root, project.env, logs / "git-init.log")
-        run(["git", "add", "-A"], root, project.env, logs / "git-add.log")
-        run(["git", "commit", "-qm", "dask"], root, project.env, logs / "git-commit.log")
-        first = run(["dvc", "repro", "bottleneck"], root, project.env, logs / "repro.log")
-        again = run(["dvc", "repro", "bottleneck"], root, project.env, logs / "repro-again.log")
-        status = run(["dvc", "status", "bottleneck"], root, project.env, logs / "status.log")
+        run(["git", "init", "-q", "-b", "main"], root, env, logs / "git-init.log")
+        run(["git", "add", "-A"], root, env, logs / "git-add.log")
+        run(["git", "commit", "-qm", "dask"], root, env, logs / "git-commit.log")
+        first = run(["dvc", "repro", "bottleneck"], root, env, logs / "repro.log")
+        again = run(["dvc", "repro", "bottleneck"], root, env, logs / "repro-again.log")
+        status = run(["dvc", "status", "bottleneck"], root, env, logs / "status.log")
         yield {"root": root, "cluster": cluster, "first": first, "again": again, "status": status,
                "report": json.loads((root / "reports" / "bottleneck.json").read_text()), "base": base}
 
@@ -140,7 +170,9 @@ def test_dask_features_equal_the_direct_runners(dask_project, direct_features):
     assert_same_features(features_of(dask_project["root"] / "artifacts" / "bottlenecks"), direct_features)
     report = dask_project["report"]
     shards = len(list((dask_project["root"] / "artifacts" / "examples").glob("*.tfrecord.gz")))
-    assert shards == 18 and report["forward_passes"] == 400 and report["parts"] == shards
+    sizes = json.loads((dask_project["root"] / "reports" / "ingest.json").read_text())["splits"]
+    assert shards == sum(-(-n // SHARD_SIZE) for n in sizes.values()) >= 8
+    assert report["forward_passes"] == 5 * PHOTOS_PER_CLASS and report["parts"] == shards
     assert f"--dask_npartitions={shards}" in report["beam_flags"]
 
 
@@ -148,7 +180,7 @@ def test_both_dask_workers_did_part_of_the_work(dask_project):
     passes = worker_pids(dask_project["report"])
     cluster_pids = {w.pid for w in dask_project["cluster"].workers}
     assert set(passes) == cluster_pids, f"forward passes by pid {passes}, cluster workers {cluster_pids}"
-    assert all(n > 0 for n in passes.values()) and sum(passes.values()) == 400
+    assert all(n > 0 for n in passes.values()) and sum(passes.values()) == 5 * PHOTOS_PER_CLASS
 
 
 def test_dvc_treats_the_dask_output_like_any_other(dask_project):
@@ -158,15 +190,16 @@ def test_dvc_treats_the_dask_output_like_any_other(dask_project):
     assert "up to date" in dask_project["status"]
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["bottleneck"]
     out = next(o for o in lock["outs"] if o["path"] == "artifacts/bottlenecks")
-    assert out["nfiles"] == 18 + 1  # the parts and manifest.json, nothing else
+    shards = len(list((root / "artifacts" / "examples").glob("*.tfrecord.gz")))
+    assert out["nfiles"] == shards + 1  # the parts and manifest.json, nothing else
     manifest = json.loads((root / "artifacts" / "bottlenecks" / bottleneck.MANIFEST).read_text())
-    assert sum(p["rows"] for p in manifest["parts"]) == 400 and len(manifest["parts"]) == 18
+    assert sum(p["rows"] for p in manifest["parts"]) == 5 * PHOTOS_PER_CLASS and len(manifest["parts"]) == shards
     # The relative cache_dir was resolved by the client: entries in the project, none in the workers' folder.
-    assert len(list((root / "data" / "feature_cache").rglob("*.f32"))) == 400
+    assert len(list((root / "data" / "feature_cache").rglob("*.f32"))) == 5 * PHOTOS_PER_CLASS
     assert not list((dask_project["base"] / "cluster" / "workers").rglob("*.f32"))
 
 
-def test_a_worker_killed_mid_run_leaves_no_partial_output(project, dask_project, direct_features,
+def test_a_worker_killed_mid_run_leaves_no_partial_output(env, photos, dask_project, direct_features,
                                                           direct_features_by_sha, tmp_path):
     """Kill one of two workers right after its first part: Dask reruns its tasks on the other."""
     root = tmp_path / "project"
@@ -174,9 +207,9 @@ def test_a_worker_killed_mid_run_leaves_no_partial_output(project, dask_project,
     shutil.rmtree(root / "artifacts" / "bottlenecks")
     (root / "reports" / "bottleneck.json").unlink()  # the copied run's: only this run may write one
     cache = tmp_path / "cache"
-    with dask_cluster(tmp_path / "cluster", project.env) as cluster:
-        dask_params(root, cluster.address, str(cache))
-        stage = subprocess.Popen([str(BIN / "graftline"), "bottleneck"], cwd=root, env=project.env,
+    with dask_cluster(tmp_path / "cluster", env) as cluster:
+        dask_params(root, cluster.address, str(cache), photos)
+        stage = subprocess.Popen([str(BIN / "graftline"), "bottleneck"], cwd=root, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         victims = {w.pid: w for w in cluster.workers}
         killed = None
@@ -201,7 +234,7 @@ def test_a_worker_killed_mid_run_leaves_no_partial_output(project, dask_project,
         report = json.loads((root / "reports" / "bottleneck.json").read_text())
         assert report["rows"] == {s: len(features.read_split(out, s)[0]) for s in records.SPLITS}
         # A shard the dead worker had finished is re-run elsewhere and served from the cache it had filled.
-        assert report["forward_passes"] + report["cache"]["hits"] == 400
+        assert report["forward_passes"] + report["cache"]["hits"] == 5 * PHOTOS_PER_CLASS
         assert sorted(p.name for p in out.iterdir()) == sorted(
             [bottleneck.MANIFEST] + [records.part_name(str(s)) for s in (root / "artifacts" / "examples").glob("*.tfrecord.gz")])
     else:  # or the stage failed: one clear line, and no output at all

@@ -1,4 +1,9 @@
-"""A sweep over fine_tune_at through DVC's experiment queue, on a copy of the session's finished pipeline."""
+"""A sweep over fine_tune_at through DVC's experiment queue, on a copy of the session's finished pipeline.
+
+Each queued run is `dvc exp run -S fine_tune_at=N` run by DVC's queue worker: the same command a user
+types in the workspace, so this is also the test that such an experiment re-runs only fine_tune and
+evaluate.
+"""
 from __future__ import annotations
 
 import json
@@ -58,6 +63,12 @@ def test_queued_sweep_over_fine_tune_at(project, tmp_path):
     finally:
         subprocess.run(["dvc", "queue", "stop"], cwd=root, env=env, capture_output=True, timeout=120)
     assert len(re.findall(r"\bSuccess\b", status)) == 2, status
+    for name in sorted(names):
+        logged = run(["dvc", "queue", "logs", name], root, env, log)
+        ran = set(re.findall(r"Running stage '(\w+)'", logged))
+        skipped = set(re.findall(r"Stage '(\w+)' didn't change, skipping", logged))
+        assert ran == {"fine_tune", "evaluate"}, logged
+        assert {"ingest", "bottleneck", "train_head"} <= skipped, logged
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env, log))
     found = experiments(shown, names)

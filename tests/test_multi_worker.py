@@ -20,7 +20,7 @@ import yaml
 
 from components import datasets, devices, multi_worker, records
 from components.errors import GraftlineError
-from conftest import BIN, REPO, WEIGHTS_224, Project
+from conftest import BIN, FLOWERS, REPO, WEIGHTS_224, project_env, require_shared
 from pipeline import params as params_mod
 
 TWO = {"worker": ["localhost:2222", "localhost:2223"]}
@@ -120,28 +120,41 @@ def test_multi_worker_without_a_good_tf_config_fails_before_any_work(tmp_path, s
 # --- two real workers -------------------------------------------------------------------------------
 
 WORKER_TIMEOUT_S = 300
-PER_SPLIT = {"train": 8, "val": 4, "test": 4}  # photos from the project's real TFRecords
+PER_SPLIT = {"train": 8, "val": 4, "test": 4}  # shared flower photos, taken in turn from each class
 BATCH_PER_REPLICA = 2  # x 2 workers: a global batch of 4, so 2 steps per epoch on the train split
 CHIEF_OUTPUTS = ["metrics/fine_tune.json", "plots/fine_tune.csv", "plots/learning_curves.png",
                  "reports/fine_tune.json"]  # and artifacts/model/
 
 
-def small_project(project: Project, root: Path) -> None:
-    """A fine-tune-ready folder: a few of the session project's photos, its labels and its trained head."""
-    import tensorflow as tf
+def small_project(root: Path) -> None:
+    """A fine-tune-ready folder without the session pipeline: a few shared flower photos as TFRecords, their
+    labels and a head (untrained: what is tested is how two workers train and write, not the accuracy)."""
+    import hashlib
 
+    from components import head as head_lib
+    from components.atomic import write_json
+
+    require_shared()
+    classes = sorted(p.name for p in FLOWERS.iterdir() if p.is_dir())
+    photos = {c: iter(sorted((FLOWERS / c).iterdir())) for c in classes}
     examples = root / "artifacts" / "examples"
     examples.mkdir(parents=True)
-    source = project.root / "artifacts" / "examples"
     for split, n in PER_SPLIT.items():
-        paths = [str(p) for p in records.shard_paths(source, split)]
-        taken = [records.from_example(x.numpy())
-                 for x in tf.data.TFRecordDataset(paths, compression_type=records.COMPRESSION).take(n)]
-        assert len(taken) == n, f"the session project has fewer than {n} {split} photos"
+        taken = []
+        for i in range(n):
+            label = i % len(classes)
+            photo = next(photos[classes[label]])
+            data = photo.read_bytes()
+            taken.append(records.Record(f"{classes[label]}/{photo.name}", label, classes[label],
+                                        hashlib.sha256(data).hexdigest(), data))
         records.write_shards(taken, examples, split, n, 100)
-    shutil.copy2(project.root / "artifacts" / "labels.json", root / "artifacts" / "labels.json")
-    shutil.copytree(project.root / "artifacts" / "head", root / "artifacts" / "head")
-    params = yaml.safe_load((project.first / "params.yaml").read_text())
+    write_json(root / "artifacts" / "labels.json", classes)
+    head_dir = root / "artifacts" / "head"
+    head_dir.mkdir()
+    head_lib.build_head(1280, len(classes), 0.2).save(head_dir / head_lib.HEAD_FILE)
+    write_json(head_dir / head_lib.HEAD_INFO, {"labels": classes, "epochs_run": 1})
+    (head_dir / head_lib.HEAD_HISTORY).write_text(",".join(head_lib.CURVE_COLUMNS) + "\n")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["base"].update(image_size=96, weights=str(WEIGHTS_224))  # the head takes pooled features: any size
     params["fine_tune"].update(epochs=1, batch_size=BATCH_PER_REPLICA, early_stopping_patience=0)
     params["export"]["tflite"] = []  # TFLite is checked in test_pipeline_e2e
@@ -198,17 +211,17 @@ def files_under(root: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_two_workers_fine_tune_and_only_the_chief_writes(project: Project, tmp_path):
+def test_two_workers_fine_tune_and_only_the_chief_writes(tmp_path):
     # One folder per worker, as on two machines; each holds the same inputs.
     roots = [tmp_path / "worker0", tmp_path / "worker1"]
-    small_project(project, roots[0])
+    small_project(roots[0])
     shutil.copytree(roots[0], roots[1])
     inputs = files_under(roots[0])
     logs = tmp_path / "logs"
     logs.mkdir()
 
     started = time.time()
-    results = run_workers(roots, project.env, logs)
+    results = run_workers(roots, project_env(tmp_path / "keras-home"), logs)
     elapsed = time.time() - started
     for index, (code, output) in enumerate(results):
         assert code == 0, f"worker {index} exited {code}:\n{output[-6000:]}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 import yaml
 
 from components import features, records
-from conftest import FLOWERS, OTHER_FINE_TUNE_AT, REPO, run
+from conftest import FLOWERS, REPO, run
 
 pytestmark = pytest.mark.slow
 
@@ -267,17 +266,3 @@ def test_fine_tune_zero_epochs_exports_base_and_head_unchanged(project, tmp_path
 def test_dvc_status_is_clean_after_repro(project):
     out = subprocess.run(["dvc", "status"], cwd=project.root, env=project.env, capture_output=True, text=True)
     assert out.returncode == 0 and "up to date" in out.stdout, out.stdout + out.stderr
-
-
-# Runs last in this file: the experiment changes the workspace outputs.
-def test_experiment_reruns_only_fine_tune_and_evaluate(project, experiment):
-    ran = set(re.findall(r"Running stage '(\w+)'", experiment))
-    skipped = set(re.findall(r"Stage '(\w+)' didn't change, skipping", experiment))
-    # check_params validates all of params.yaml whenever it changes (seconds, no TensorFlow): see test_first_hour.
-    assert ran == {"check_params", "fine_tune", "evaluate"}, experiment
-    assert {"ingest", "bottleneck", "train_head"} <= skipped, experiment
-    metrics = load(project.root / "metrics/fine_tune.json")
-    assert metrics["fine_tune_at"] == OTHER_FINE_TUNE_AT
-    assert metrics["trainable_base_layers"] == 155 - OTHER_FINE_TUNE_AT
-    # The head and the features were not recomputed.
-    assert load(project.root / "metrics/train_head.json") == load(project.first / "metrics/train_head.json")
