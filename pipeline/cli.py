@@ -174,10 +174,12 @@ def main(argv: list[str] | None = None) -> int:
             result = run_stage(args.command, args.params)
     except GraftlineError as exc:
         one_line = " ".join(str(exc).split())  # a library's multi-line message (tarfile's) made one line
+        console.end_progress_bars()
         print(f"graftline {args.command}: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         name = str(exc) if isinstance(exc, Interrupted) else "SIGINT"
+        console.end_progress_bars()
         print(f"graftline {args.command}: interrupted by {name}; no output was half-written.", file=sys.stderr)
         return 128 + signal.Signals[name]
     summary = {k: result[k] for k in SUMMARY_KEYS if k in result}

@@ -73,6 +73,24 @@ def _write_all(fd: int, data: bytes) -> None:
             return
 
 
+def end_progress_bars() -> None:
+    """Close every progress bar still open, so that the line printed next starts a line of its own.
+
+    A signal can land while a bar is being made, before its ``with`` block is entered: nothing
+    closes that bar, and the one-line reason would be glued to it.
+    """
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # a bar torn by the signal itself: the reason matters more than its last frame
+            pass
+    sys.stderr.flush()
+
+
 def hide_native_logs() -> None:
     """From now on, this process's and its children's native log lines do not reach stderr."""
     global _installed

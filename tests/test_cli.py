@@ -132,3 +132,19 @@ def test_the_console_filter_passes_progress_bars_on_at_once(tmp_path):
         rest += chunk
     assert first == b"\ringest: 10%|#"
     assert rest == b"\ringest: 50%|###\nEpoch 1/10\nwarning: a real one\n"
+
+
+def test_the_reason_a_stage_stopped_starts_a_line_of_its_own(capsys):
+    """A signal landing while a progress bar is being made leaves that bar open (its ``with`` never entered):
+    the one-line reason must not be glued to it (seen with SIGTERM at the start of ingest's TFRecord bar)."""
+    from tqdm import tqdm
+
+    from pipeline import console
+
+    bar = tqdm(total=490, desc="ingest: writing TFRecords", unit="photo")  # made, never closed (held: not collected)
+    console.end_progress_bars()
+    print("graftline ingest: interrupted by SIGTERM; no output was half-written.", file=sys.stderr)
+    err = capsys.readouterr().err
+    assert "ingest: writing TFRecords:   0%" in err
+    assert err.splitlines()[-1] == "graftline ingest: interrupted by SIGTERM; no output was half-written."
+    assert bar.disable  # closed
