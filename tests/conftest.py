@@ -4,8 +4,9 @@ The end-to-end fixtures copy this repo into a temporary git repo, point
 params at ../shared/data/flowers, give Keras a temporary KERAS_HOME holding
 the shared ImageNet weights, and run the real `dvc repro`, then
 `graftline tfx-run`. Many tests read their outputs; tests that change a
-project (experiments, the CI gate) work on a copy (test_ci_evaluate.copy_project). Without ../shared they skip, unless GRAFTLINE_REQUIRE_SHARED=1
-(set by .ci/run), which turns the skip into a failure.
+project (experiments, the CI gate) work on a copy (test_ci_evaluate.copy_project).
+Without ../shared they skip, unless GRAFTLINE_REQUIRE_SHARED=1 (set by
+.ci/run), which turns the skip into a failure.
 """
 from __future__ import annotations
 
@@ -80,6 +81,25 @@ def run(cmd: list[str], cwd: Path, env: dict, log: Path, timeout: int = 1200) ->
     return output
 
 
+def keras_home_with_weights(folder: Path) -> Path:
+    """A KERAS_HOME whose models/ holds the shared 224 px weights under the name Keras looks up at 160 px."""
+    (folder / "models").mkdir(parents=True)
+    shutil.copy(WEIGHTS_224, folder / "models" / KERAS_NAME_160)
+    return folder
+
+
+def write_untrained_head(head_dir: Path, labels: list[str]) -> None:
+    """A head folder as train-head leaves it (components/head.py's files), its head over MobileNetV2's 1280
+    features untrained: for tests of how fine-tune trains and writes, not of what it reaches."""
+    from components import head as head_lib
+    from components.atomic import write_csv, write_json
+
+    head_dir.mkdir(parents=True)
+    head_lib.build_head(1280, len(labels), 0.2).save(head_dir / head_lib.HEAD_FILE)
+    write_json(head_dir / head_lib.HEAD_INFO, {"labels": labels, "epochs_run": 1})
+    write_csv(head_dir / head_lib.HEAD_HISTORY, head_lib.CURVE_COLUMNS, [])
+
+
 # The last stdout line of cli_probe when the command did not import TensorFlow.
 TENSORFLOW_NOT_LOADED = "tensorflow loaded: False"
 
@@ -119,9 +139,7 @@ def project(tmp_path_factory) -> Project:
     root = base / "project"
     root.mkdir()
     copy_repo(root)
-    keras_home = base / "keras"
-    (keras_home / "models").mkdir(parents=True)
-    shutil.copy(WEIGHTS_224, keras_home / "models" / KERAS_NAME_160)
+    keras_home = keras_home_with_weights(base / "keras")
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["source"] = str(FLOWERS)
@@ -157,4 +175,3 @@ def tfx_run(project: Project) -> Path:
     run(["graftline", "--params", str(root.parent / "tfx-params.yaml"), "tfx-run", "--root", str(root)],
         project.root, project.env, project.root.parent / "logs" / "tfx-run.log")
     return root
-

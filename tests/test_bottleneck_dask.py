@@ -24,11 +24,12 @@ import yaml
 from components import features, records
 from components.stages import bottleneck
 from components.vector_cache import VectorCache
-from conftest import BIN, FLOWERS, KERAS_NAME_160, WEIGHTS_224, copy_repo, project_env, require_shared, run
+from conftest import BIN, FLOWERS, copy_repo, keras_home_with_weights, project_env, require_shared, run
 from test_bottleneck import all_features as features_of
 
 pytestmark = pytest.mark.slow
 PHOTOS_PER_CLASS = 20
+PHOTOS = 5 * PHOTOS_PER_CLASS  # ../shared/data/flowers has five classes
 SHARD_SIZE = 8  # 100 photos -> about 13 shards: tasks for both workers
 
 
@@ -89,7 +90,7 @@ def dask_params(root: Path, address: str, cache_dir: str, photos: Path) -> None:
 
 
 def assert_same_features(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() and len(a) == 5 * PHOTOS_PER_CLASS
+    assert a.keys() == b.keys() and len(a) == PHOTOS
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert worst <= features.RECOMPUTED_ATOL, f"features differ from the DirectRunner's by up to {worst}"
 
@@ -102,10 +103,7 @@ def worker_pids(report: dict) -> dict[int, int]:
 def env(tmp_path_factory) -> dict:
     """The projects' environment: graftline on PATH, the shared ImageNet weights in a temporary KERAS_HOME."""
     require_shared()
-    keras_home = tmp_path_factory.mktemp("keras")
-    (keras_home / "models").mkdir()
-    shutil.copy(WEIGHTS_224, keras_home / "models" / KERAS_NAME_160)
-    return project_env(keras_home)
+    return project_env(keras_home_with_weights(tmp_path_factory.mktemp("keras")))
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +170,7 @@ def test_dask_features_equal_the_direct_runners(dask_project, direct_features):
     shards = len(list((dask_project["root"] / "artifacts" / "examples").glob("*.tfrecord.gz")))
     sizes = json.loads((dask_project["root"] / "reports" / "ingest.json").read_text())["splits"]
     assert shards == sum(-(-n // SHARD_SIZE) for n in sizes.values()) >= 8
-    assert report["forward_passes"] == 5 * PHOTOS_PER_CLASS and report["parts"] == shards
+    assert report["forward_passes"] == PHOTOS and report["parts"] == shards
     assert f"--dask_npartitions={shards}" in report["beam_flags"]
 
 
@@ -180,7 +178,7 @@ def test_both_dask_workers_did_part_of_the_work(dask_project):
     passes = worker_pids(dask_project["report"])
     cluster_pids = {w.pid for w in dask_project["cluster"].workers}
     assert set(passes) == cluster_pids, f"forward passes by pid {passes}, cluster workers {cluster_pids}"
-    assert all(n > 0 for n in passes.values()) and sum(passes.values()) == 5 * PHOTOS_PER_CLASS
+    assert all(n > 0 for n in passes.values()) and sum(passes.values()) == PHOTOS
 
 
 def test_dvc_treats_the_dask_output_like_any_other(dask_project):
@@ -193,9 +191,9 @@ def test_dvc_treats_the_dask_output_like_any_other(dask_project):
     shards = len(list((root / "artifacts" / "examples").glob("*.tfrecord.gz")))
     assert out["nfiles"] == shards + 1  # the parts and manifest.json, nothing else
     manifest = json.loads((root / "artifacts" / "bottlenecks" / bottleneck.MANIFEST).read_text())
-    assert sum(p["rows"] for p in manifest["parts"]) == 5 * PHOTOS_PER_CLASS and len(manifest["parts"]) == shards
+    assert sum(p["rows"] for p in manifest["parts"]) == PHOTOS and len(manifest["parts"]) == shards
     # The relative cache_dir was resolved by the client: entries in the project, none in the workers' folder.
-    assert len(list((root / "data" / "feature_cache").rglob("*.f32"))) == 5 * PHOTOS_PER_CLASS
+    assert len(list((root / "data" / "feature_cache").rglob("*.f32"))) == PHOTOS
     assert not list((dask_project["base"] / "cluster" / "workers").rglob("*.f32"))
 
 
@@ -234,7 +232,7 @@ def test_a_worker_killed_mid_run_leaves_no_partial_output(env, photos, dask_proj
         report = json.loads((root / "reports" / "bottleneck.json").read_text())
         assert report["rows"] == {s: len(features.read_split(out, s)[0]) for s in records.SPLITS}
         # A shard the dead worker had finished is re-run elsewhere and served from the cache it had filled.
-        assert report["forward_passes"] + report["cache"]["hits"] == 5 * PHOTOS_PER_CLASS
+        assert report["forward_passes"] + report["cache"]["hits"] == PHOTOS
         assert sorted(p.name for p in out.iterdir()) == sorted(
             [bottleneck.MANIFEST] + [records.part_name(str(s)) for s in (root / "artifacts" / "examples").glob("*.tfrecord.gz")])
     else:  # or the stage failed: one clear line, and no output at all

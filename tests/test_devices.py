@@ -151,9 +151,8 @@ TWO_REPLICAS = textwrap.dedent("""
     import keras
     import numpy as np
     from components import export, records
-    from components import head as head_lib
     from components.stages import evaluate, fine_tune, train_head
-    from components.atomic import write_json
+    from conftest import write_untrained_head
     from drawing import encode, pixels
     from pipeline import params as params_mod, runtime
     from test_train_head import LABELS, make_bottlenecks
@@ -188,10 +187,7 @@ TWO_REPLICAS = textwrap.dedent("""
         records.write_shards(recs, examples, split, n, 100)
     (work / "labels2.json").write_text(json.dumps(names))
     head_dir = work / "head2"
-    head_dir.mkdir()
-    head_lib.build_head(1280, 2, 0.2).save(head_dir / head_lib.HEAD_FILE)
-    write_json(head_dir / head_lib.HEAD_INFO, {"labels": names, "epochs_run": 1})
-    (head_dir / head_lib.HEAD_HISTORY).write_text(",".join(head_lib.CURVE_COLUMNS) + chr(10))
+    write_untrained_head(head_dir, names)
     runtime.configure_devices("fine_tune", p)
     runtime.configure(p.seed)
     ft_out = {"model": work / "model", "metrics": work / "ft.json", "plots": work / "ft.csv",

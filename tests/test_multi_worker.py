@@ -20,7 +20,7 @@ import yaml
 
 from components import datasets, devices, multi_worker, records
 from components.errors import GraftlineError
-from conftest import BIN, FLOWERS, REPO, WEIGHTS_224, project_env, require_shared
+from conftest import BIN, FLOWERS, REPO, WEIGHTS_224, project_env, require_shared, write_untrained_head
 from pipeline import params as params_mod
 
 TWO = {"worker": ["localhost:2222", "localhost:2223"]}
@@ -131,7 +131,6 @@ def small_project(root: Path) -> None:
     labels and a head (untrained: what is tested is how two workers train and write, not the accuracy)."""
     import hashlib
 
-    from components import head as head_lib
     from components.atomic import write_json
 
     require_shared()
@@ -149,11 +148,7 @@ def small_project(root: Path) -> None:
                                         hashlib.sha256(data).hexdigest(), data))
         records.write_shards(taken, examples, split, n, 100)
     write_json(root / "artifacts" / "labels.json", classes)
-    head_dir = root / "artifacts" / "head"
-    head_dir.mkdir()
-    head_lib.build_head(1280, len(classes), 0.2).save(head_dir / head_lib.HEAD_FILE)
-    write_json(head_dir / head_lib.HEAD_INFO, {"labels": classes, "epochs_run": 1})
-    (head_dir / head_lib.HEAD_HISTORY).write_text(",".join(head_lib.CURVE_COLUMNS) + "\n")
+    write_untrained_head(root / "artifacts" / "head", classes)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["base"].update(image_size=96, weights=str(WEIGHTS_224))  # the head takes pooled features: any size
     params["fine_tune"].update(epochs=1, batch_size=BATCH_PER_REPLICA, early_stopping_patience=0)
