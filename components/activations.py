@@ -3,8 +3,8 @@
 Base layers below ``fine_tune_at`` never change in fine-tuning, and BatchNorm
 runs in inference mode, so what they compute from a photo is fixed. The base
 is cut where exactly one tensor flows from the frozen layers into the rest (at
-or below ``fine_tune_at``; MobileNetV2 at 100: before ``block_11_expand``,
-index 98). ``front`` (image -> that tensor) runs once per photo and view, its
+or below ``fine_tune_at``, and not much wider than the narrowest such tensor
+there; MobileNetV2 at 100: before ``block_11_expand``, index 98). ``front`` (image -> that tensor) runs once per photo and view, its
 outputs are cached per photo (components/vector_cache.py) as float16, and an
 epoch runs only ``top`` (that tensor -> pooled features, the layers from the
 cut up, sharing their weights with the base) and the head. Frozen layers
@@ -29,8 +29,18 @@ from components import base_models, images
 STORED_DTYPE = np.float16
 
 
+# A cut may hold an activation at most this many times the narrowest one at or below fine_tune_at.
+MAX_CUT_WIDTH = 2
+
+
 def cut_index(base, fine_tune_at: int) -> int:
-    """The largest c <= fine_tune_at where exactly one tensor crosses from base layers < c to layers >= c."""
+    """The largest c <= fine_tune_at where exactly one tensor crosses from base layers < c to layers >= c,
+    and that tensor is at most MAX_CUT_WIDTH times the smallest such tensor at or below fine_tune_at.
+
+    The size rule keeps the cache small: MobileNetV2 at fine_tune_at 56 would otherwise cache
+    block_6's expanded 192 channels (6x the 32 of block_5's output, 2 cuts below) for every photo
+    and view.
+    """
     layers = base.layers
     position = {id(layer): i for i, layer in enumerate(layers)}
     last_use = {}  # producer layer index -> index of the last layer that reads its output
@@ -41,11 +51,15 @@ def cut_index(base, fine_tune_at: int) -> int:
                 last_use[producer] = max(last_use.get(producer, -1), i)
     final = position[id(base.outputs[0]._keras_history.operation)]
     last_use[final] = len(layers)
+    sizes = {}  # candidate cut -> elements of the one tensor crossing it
     for c in range(min(max(fine_tune_at, 1), len(layers)), 0, -1):
         crossing = [p for p, used in last_use.items() if p < c <= used]
         if len(crossing) == 1:
-            return c
-    return 1  # the input layer's output: the preprocessed image itself
+            sizes[c] = int(np.prod(layers[crossing[0]].output.shape[1:]))
+    if not sizes:
+        return 1  # the input layer's output: the preprocessed image itself
+    narrowest = min(sizes.values())
+    return max(c for c, size in sizes.items() if size <= MAX_CUT_WIDTH * narrowest)
 
 
 def split(extractor, fine_tune_at: int):

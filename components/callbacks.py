@@ -17,8 +17,10 @@ import shutil
 from pathlib import Path
 
 
-def epoch_loggers(outputs: dict, resumed: bool = False) -> list:
-    """Keras callbacks for the logs ``outputs`` asks for."""
+def epoch_loggers(outputs: dict, resumed_after: int = 0) -> list:
+    """Keras callbacks for the logs ``outputs`` asks for; ``resumed_after``: the epochs a resumed run
+    already has (its DVCLive steps go on from there, even if the killed run died before logging its last)."""
+    resumed = resumed_after > 0
     import keras
 
     callbacks = []
@@ -32,5 +34,7 @@ def epoch_loggers(outputs: dict, resumed: bool = False) -> list:
         from dvclive.keras import DVCLiveCallback
 
         live = Live(dir=str(outputs["live"]), resume=resumed, save_dvc_exp=False, dvcyaml=None)
+        if resumed:
+            live.step = resumed_after  # DVCLive's step is the epoch's index
         callbacks.append(DVCLiveCallback(live=live))
     return callbacks

@@ -7,6 +7,7 @@ learning curve, CURVE_COLUMNS, from which fine-tune draws the joined curves).
 """
 from __future__ import annotations
 
+import math
 import sys
 
 HEAD_FILE = "head.keras"
@@ -59,6 +60,24 @@ def early_stopping(patience: int) -> list:
 
     return [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
             ] if patience else []
+
+
+def cosine_rate(learning_rate: float, epoch: int, epochs: int) -> float:
+    """Epoch ``epoch``'s (0-based) rate on a cosine from ``learning_rate`` to 0 over ``epochs``, taken at the
+    epoch's middle (the mean of a per-step cosine over that epoch, to within a few percent)."""
+    return learning_rate * 0.5 * (1 + math.cos(math.pi * (epoch + 0.5) / epochs))
+
+
+def rate_schedule(schedule: str, learning_rate: float, epochs: int) -> list:
+    """The callbacks that set each epoch's learning rate: none for ``constant``; for ``cosine``, cosine_rate.
+
+    Keyed by the epoch's index, so a resumed run (fit's initial_epoch) continues the same curve.
+    """
+    import keras
+
+    if schedule == "constant":
+        return []
+    return [keras.callbacks.LearningRateScheduler(lambda epoch, _rate: cosine_rate(learning_rate, epoch, epochs))]
 
 
 def best_row(rows: list[list], patience: int) -> list:

@@ -26,6 +26,7 @@ FLOWERS_URL = "http://download.tensorflow.org/example_images/flower_photos.tgz"
 FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
+SCHEDULES = ("constant", "cosine")  # fine-tune's learning rate over the epochs (components/head.py)
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 # Metrics of metrics/evaluate.json that evaluate.thresholds may gate on.
 GATED_METRICS = ("accuracy", "macro_f1")
@@ -198,7 +199,10 @@ class FineTuneParams(Section):
     # mixup converges in a few epochs (README, "Why this fine-tune recipe").
     epochs: int = param(6, "most epochs; 0 exports base + head unchanged; see \"Why this fine-tune recipe\"",
                         **at_least(0))
-    learning_rate: float = param(1e-4, "fine-tune learning rate", **RATE)
+    learning_rate: float = param(1e-4, "fine-tune learning rate (the first epoch's, with a cosine schedule)",
+                                 **RATE)
+    schedule: str = param("constant", "learning rate over the epochs: `constant`, or `cosine` from learning_rate "
+                          "down to 0 at the last epoch", choices=SCHEDULES)
     optimizer: str = param("adam", "adam, rmsprop or sgd", **OPTIMIZER)
     batch_size: int = param(32, "per device", **at_least(1))
     # On small folders fine-tuning overfits.

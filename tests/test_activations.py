@@ -45,7 +45,7 @@ def extractor(p, weights):
     return base_models.extractor_for_params(p, weights)
 
 
-@pytest.mark.parametrize("fine_tune_at, cut", [(100, 98), (98, 98), (125, 125), (134, 134), (1, 1)])
+@pytest.mark.parametrize("fine_tune_at, cut", [(100, 98), (98, 98), (125, 125), (134, 134), (1, 1), (60, 60)])
 def test_the_cut_is_the_last_single_tensor_at_or_below_fine_tune_at(setup, fine_tune_at, cut):
     p, weights, _ = setup
     base = base_models.base_of(extractor(p, weights))
@@ -53,6 +53,19 @@ def test_the_cut_is_the_last_single_tensor_at_or_below_fine_tune_at(setup, fine_
     # block_11 (98..106) adds its input back: inside it two tensors cross, so 99..106 are never cuts.
     for inside in range(99, 107):
         assert activations.cut_index(base, inside) == 98
+
+
+@pytest.mark.parametrize("fine_tune_at, cut_layer", [(56, "block_5_add"), (57, "block_5_add"),
+                                                     (30, "block_2_add")])
+def test_the_cut_skips_back_past_an_expanded_tensor_to_the_narrow_one_below(setup, fine_tune_at, cut_layer):
+    # At 56 and 57 the last single tensor is block_6's 1x1 expansion (6x block_5_add's channels):
+    # caching it would take 6x the memory and disk of block_5_add, two layers below.
+    p, weights, _ = setup
+    base = base_models.base_of(extractor(p, weights))
+    cut = activations.cut_index(base, fine_tune_at)
+    assert base.layers[cut - 1].name == cut_layer
+    narrowest = min(int(np.prod(layer.output.shape[1:])) for layer in base.layers[:fine_tune_at])
+    assert int(np.prod(base.layers[cut - 1].output.shape[1:])) <= activations.MAX_CUT_WIDTH * narrowest
 
 
 def test_front_then_top_is_the_extractor(setup):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -36,7 +37,9 @@ def test_killed_fine_tune_resumes_from_its_last_complete_epoch(tmp_path, monkeyp
         "data": {"source": str(tmp_path / "photos"), "sha256": "", "val_percent": 20, "test_percent": 20},
         "base": {"alpha": 0.35, "image_size": 96, "weights": "none"},
         "train_head": {"epochs": 3},
-        "fine_tune": {"epochs": 4, "learning_rate": 0.0001, "batch_size": 8, "early_stopping_patience": 0},
+        # cosine: the resumed run must go on down the same curve, not restart it
+        "fine_tune": {"epochs": 4, "learning_rate": 0.0001, "schedule": "cosine", "batch_size": 8,
+                      "early_stopping_patience": 0},
         "export": {"tflite": []},  # what is resumed is training; TFLite is checked in test_pipeline_e2e
     }))
     from pipeline.cli import run_stage
@@ -67,4 +70,12 @@ def test_killed_fine_tune_resumes_from_its_last_complete_epoch(tmp_path, monkeyp
     assert epochs == list(range(head_epochs + 1, head_epochs + 5))  # all four, numbered after the head's
     report = json.loads((tmp_path / "reports/fine_tune.json").read_text())
     assert report["resumed_after_epoch"] == done
+    cosine = [0.0001 * 0.5 * (1 + math.cos(math.pi * (e + 0.5) / 4)) for e in range(4)]
+    assert report["learning_rate"] == {"schedule": "cosine", "per_epoch": pytest.approx(cosine, rel=1e-6)}
+    # the rates the optimizer trained at, as DVCLive logged them, before the kill and after it
+    with open(tmp_path / "dvclive/fine_tune/plots/metrics/train/learning_rate.tsv", newline="") as handle:
+        logged = {int(row["step"]): float(row["learning_rate"]) for row in csv.DictReader(handle, delimiter="\t")}
+    # (the killed run may have died between its checkpoint and its log line: then its last epoch is not logged)
+    assert set(range(done, 4)) <= set(logged) <= set(range(4))
+    assert [logged[e] for e in sorted(logged)] == pytest.approx([cosine[e] for e in sorted(logged)], rel=1e-5)
     assert (tmp_path / "artifacts/model/model.keras").is_file() and not checkpoints.exists()

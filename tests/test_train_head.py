@@ -238,3 +238,32 @@ def test_schema_is_fixed_width_float32():
     assert table.to_pylist() == [{"key": "k", "label": 2, "split": "train", "features": [0.0, 1.0, 2.0, 3.0, 4.0]}]
     with pytest.raises(ValueError, match="5 values"):
         features.table([("k", 0, "train", np.zeros(4))], 5)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_rate_schedule_sets_each_epochs_rate_and_a_resumed_fit_continues_it(schedule):
+    import keras
+
+    def rates_seen(initial_epoch, epochs):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+        model.compile(head_lib.make_optimizer("adam", 0.01), "sparse_categorical_crossentropy")
+        seen = []
+        probe = keras.callbacks.LambdaCallback(
+            on_epoch_begin=lambda epoch, logs: seen.append(float(model.optimizer.learning_rate.numpy())))
+        x, y = np.ones((8, 3), np.float32), np.zeros(8, np.int64)
+        # the probe runs after the schedule's callback: it sees the rate the epoch trains at
+        model.fit(x, y, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
+                  callbacks=head_lib.rate_schedule(schedule, 0.01, 4) + [probe])
+        return seen
+
+    full = rates_seen(0, 4)
+    if schedule == "constant":
+        np.testing.assert_allclose(full, [0.01] * 4, rtol=1e-6)
+    else:
+        # cos(pi (e + 0.5) / 4) for e = 0..3: every epoch lower, the last near but above 0
+        expected = [0.01 * 0.5 * (1 + np.cos(np.pi * (e + 0.5) / 4)) for e in range(4)]
+        np.testing.assert_allclose(full, expected, rtol=1e-5)
+        assert full[0] < 0.01 and 0 < full[3] < 0.001
+    np.testing.assert_allclose(rates_seen(2, 4), full[2:], rtol=1e-6)  # resumed after epoch 2
+
