@@ -41,6 +41,25 @@ def beam_flags(p, units: int = 0, dask_address: str = "") -> list[str]:
     return flags + list(p.beam_options)
 
 
+def pipeline_runner(p, options):
+    """The runner object for ``beam.Pipeline``: for DirectRunner, the FnApiRunner that Beam's DirectRunner
+    builds for a batch pipeline; None lets Beam resolve ``--runner``.
+
+    Beam's DirectRunner first tries its Prism runner, which downloads a Go binary from GitHub: online, the
+    stage would run on a runner it did not name; offline, every run makes a failing network call and leaves
+    a ``beam-temp*`` folder in the temp directory. Built here, the stage runs the same way online or not.
+    """
+    if p.runner != "DirectRunner":
+        return None
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
+
+
 @contextlib.contextmanager
 def dask_scheduler(p) -> Iterator[str]:
     """bottleneck.dask_address, or a local cluster of bottleneck.workers processes for the run."""

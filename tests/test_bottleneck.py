@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +88,14 @@ def test_parquet_schema_rows_and_keys(weights, examples, tmp_path):
         assert np.isfinite(feats).all() and feats.std() > 0
 
 
-def test_in_memory_and_multi_process_give_the_same_features(weights, examples, tmp_path):
+def test_in_memory_and_multi_process_give_the_same_features(weights, examples, tmp_path, monkeypatch):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where Beam makes its temporary folders
     in_memory = extract(make_params(weights, workers=1), examples, tmp_path / "one")
     multi = extract(make_params(weights, workers=2), examples, tmp_path / "two")
+    # DirectRunner runs on Beam's FnApiRunner, not Prism: no Prism download tried, no beam-temp folder left
+    assert not list(temp.glob("beam-temp*"))
     assert "--direct_running_mode=multi_processing" in multi["beam_flags"]
     assert "--direct_num_workers=2" in multi["beam_flags"]
     assert in_memory["forward_passes"] == multi["forward_passes"] == 30

@@ -53,7 +53,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from components import base_models, features, records
 from components.beam_inference import FeatureExtractorHandler, ShardWork, extractor_for
 from components.atomic import write_json
-from components.beam_runners import beam_flags, dask_scheduler, is_dask, run_to_completion
+from components.beam_runners import beam_flags, dask_scheduler, is_dask, pipeline_runner, run_to_completion
 from components.publishing import absolute, published
 from components.vector_cache import VectorCache, written
 from components.errors import GraftlineError
@@ -147,7 +147,8 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     out = str(outputs["bottlenecks"])
     with published(out) as folder, (dask_scheduler(p) if dask else contextlib.nullcontext("")) as address:
         flags = beam_flags(p, len(units), address)
-        pipeline = beam.Pipeline(options=PipelineOptions(flags))
+        options = PipelineOptions(flags)
+        pipeline = beam.Pipeline(runner=pipeline_runner(p, options), options=options)
         _ = (pipeline
              | "Shards" >> beam.Create(units)
              | "Spread" >> beam.Reshuffle()  # one shard per worker at a time, on every runner
