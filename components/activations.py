@@ -4,11 +4,12 @@ Base layers below ``fine_tune_at`` never change in fine-tuning, and BatchNorm
 runs in inference mode, so what they compute from a photo is fixed. The base
 is cut where exactly one tensor flows from the frozen layers into the rest (at
 or below ``fine_tune_at``, and not much wider than the narrowest such tensor
-there; MobileNetV2 at 100: before ``block_11_expand``, index 98). ``front`` (image -> that tensor) runs once per photo and view, its
-outputs are cached per photo (components/vector_cache.py) as float16, and an
-epoch runs only ``top`` (that tensor -> pooled features, the layers from the
-cut up, sharing their weights with the base) and the head. Frozen layers
-between the cut and ``fine_tune_at`` stay frozen inside ``top``.
+there; MobileNetV2 at 100: before ``block_11_expand``, index 98). ``front``
+(image -> that tensor) runs once per photo and view, its outputs are cached
+per photo (components/vector_cache.py) as float16, and an epoch runs only
+``top`` (that tensor -> pooled features, the layers from the cut up, sharing
+their weights with the base) and the head. Frozen layers between the cut and
+``fine_tune_at`` stay frozen inside ``top``.
 
 Views are what augmentation can still be when the frozen part is cached: the
 photo as it is and mirrored (``images.view``), each a cached activation; an

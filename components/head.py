@@ -62,14 +62,17 @@ def early_stopping(patience: int) -> list:
             ] if patience else []
 
 
-def cosine_rate(learning_rate: float, epoch: int, epochs: int) -> float:
-    """Epoch ``epoch``'s (0-based) rate on a cosine from ``learning_rate`` to 0 over ``epochs``, taken at the
-    epoch's middle (the mean of a per-step cosine over that epoch, to within a few percent)."""
+def scheduled_rate(schedule: str, learning_rate: float, epoch: int, epochs: int) -> float:
+    """Epoch ``epoch``'s (0-based) learning rate: ``learning_rate`` for ``constant``; for ``cosine``, on a
+    cosine from ``learning_rate`` to 0 over ``epochs``, taken at the epoch's middle (the mean of a per-step
+    cosine over that epoch, to within a few percent)."""
+    if schedule == "constant":
+        return learning_rate
     return learning_rate * 0.5 * (1 + math.cos(math.pi * (epoch + 0.5) / epochs))
 
 
 def rate_schedule(schedule: str, learning_rate: float, epochs: int) -> list:
-    """The callbacks that set each epoch's learning rate: none for ``constant``; for ``cosine``, cosine_rate.
+    """The callbacks that set each epoch's learning rate to scheduled_rate (none for ``constant``).
 
     Keyed by the epoch's index, so a resumed run (fit's initial_epoch) continues the same curve.
     """
@@ -77,7 +80,8 @@ def rate_schedule(schedule: str, learning_rate: float, epochs: int) -> list:
 
     if schedule == "constant":
         return []
-    return [keras.callbacks.LearningRateScheduler(lambda epoch, _rate: cosine_rate(learning_rate, epoch, epochs))]
+    return [keras.callbacks.LearningRateScheduler(
+        lambda epoch, _rate: scheduled_rate(schedule, learning_rate, epoch, epochs))]
 
 
 def best_row(rows: list[list], patience: int) -> list:

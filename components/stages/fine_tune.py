@@ -40,8 +40,7 @@ from components.errors import GraftlineError
 from components.vector_cache import VectorCache
 from components.datasets import augmenter, image_dataset, split_batch_size
 from components.head import (CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, best_row, curve_row,
-                             cosine_rate, early_stopping, keras_verbosity, make_optimizer,
-                             rate_schedule)
+                             early_stopping, keras_verbosity, make_optimizer, rate_schedule, scheduled_rate)
 
 TFLITE_CHECK_MAX = 256  # test photos the TFLite models are compared with Keras on, one at a time
 CHECKPOINT_STATE = "state.json"
@@ -262,18 +261,13 @@ def train_and_save(params, inputs: dict, outputs: dict, strategy) -> dict:
               "trained_from": "activations" if from_activations else "images", **cached,
               "base_layers": len(base.layers), "trainable_weights": len(model.trainable_weights),
               "resumed_after_epoch": resumed_after, "test_time_augmentation": params.augment.tta,
-              "learning_rate": {"schedule": f.schedule, "per_epoch": epoch_rates(f, len(rows))},
+              "learning_rate": {"schedule": f.schedule, "per_epoch": [  # what rate_schedule set each epoch
+                  float(f"{scheduled_rate(f.schedule, f.learning_rate, e, f.epochs):.9g}")
+                  for e in range(len(rows))]},
               "tflite": exported}
     write_json(Path(outputs["report"]), report)
     shutil.rmtree(checkpoints, ignore_errors=True)  # done: nothing left to resume
     return {**metrics, **report}
-
-
-def epoch_rates(f, epochs_run: int) -> list[float]:
-    """The learning rate each run epoch trained at (components/head.rate_schedule)."""
-    if f.schedule == "cosine":
-        return [float(f"{cosine_rate(f.learning_rate, e, f.epochs):.9g}") for e in range(epochs_run)]
-    return [f.learning_rate] * epochs_run
 
 
 def fit_on_activations(params, classifier, examples: Path, labels: list, resume, done_rows: list,
