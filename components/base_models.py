@@ -5,6 +5,9 @@ pooling, so its output is the bottleneck feature vector. ImageNet weights are
 found the way Keras finds them (``$KERAS_HOME/models/<Keras file name>``,
 default ``~/.keras/models``), downloaded there once when missing, and then
 passed to Keras by path; ``base.weights`` may also name a file directly.
+EfficientNet-Lite bases (components/efficientnet_lite.py) are built here, not
+by keras.applications; their weights come from registry packages' ``.pth``
+files, converted once into ``$KERAS_HOME/models``.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from components import efficientnet_lite
 from components.errors import GraftlineError
 
 KERAS_APPS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -29,8 +33,12 @@ class BaseSpec:
     min_size: int
     uses_alpha: bool
     # (alpha, image_size) -> (Keras' weight file name, download URL)
-    weights_file: Callable[[float, int], tuple[str, str]]
+    weights_file: Callable[[float, int], tuple[str, str]] | None  # None: not a Keras download
     feature_width: Callable[[float], int]
+    # name, image_size -> the model with its classifier, for bases keras.applications lacks
+    build_with_top: Callable | None = None
+    # the layer a with-top build is cut at (its pooled features)
+    pool_layer: str = ""
 
     def problems(self, alpha: float, image_size: int) -> list[tuple[str, object, str]]:
         """(key, value, what is allowed) for each base param this model cannot take."""
@@ -71,6 +79,9 @@ REGISTRY: dict[str, BaseSpec] = {
         BaseSpec("efficientnet_b0", "EfficientNetB0", "raw", 224, 32, False,
                  _fixed_file("", "efficientnetb0_notop.h5", "https://storage.googleapis.com/keras-applications/"),
                  lambda alpha: 1280),
+        *(BaseSpec(name, "", "lite", variant.image_size, 32, False, None, lambda alpha: efficientnet_lite.HEAD_FILTERS,
+                   efficientnet_lite.build, efficientnet_lite.POOL_LAYER)
+          for name, variant in efficientnet_lite.VARIANTS.items()),
     )
 }
 
@@ -108,6 +119,16 @@ def resolve_weights(model: str, alpha: float, image_size: int, weights: str) -> 
         return str(path)
     if weights == "none":
         return None
+    if model in efficientnet_lite.VARIANTS and (weights == "imagenet" or weights.endswith(".pth")):
+        if weights != "imagenet" and not Path(weights).expanduser().is_file():
+            raise GraftlineError(f"params: base.weights = {weights!r}: no such file")
+        folder = keras_models_dir()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GraftlineError(f"cannot create {folder} ({exc}), where {model}'s converted weights go; "
+                                 "set KERAS_HOME to a writable folder") from None
+        return str(efficientnet_lite.keras_weights(model, weights, folder))
     if weights != "imagenet":
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -169,6 +190,8 @@ def build_base(model: str, alpha: float, image_size: int, weights_path: str | No
     if is_keras_file(model):
         return _keras_file_base(weights_path, image_size, feature_layer)
     spec = REGISTRY[model]
+    if spec.build_with_top is not None:
+        return _cut_at_pool(spec, model, image_size, weights_path)
     kwargs = dict(input_shape=(image_size, image_size, 3), include_top=False, pooling="avg", weights=None)
     if spec.uses_alpha:
         kwargs["alpha"] = alpha
@@ -181,6 +204,22 @@ def build_base(model: str, alpha: float, image_size: int, weights_path: str | No
                 f"cannot load base.weights file {weights_path} into {model} (alpha {alpha}): {exc}"
             ) from None
     return base
+
+
+def _cut_at_pool(spec: BaseSpec, model: str, image_size: int, weights_path: str | None):
+    """A with-top build whose weights file holds the classifier too, cut at its pooled features."""
+    import keras
+
+    full = spec.build_with_top(model, image_size, include_top=True)
+    if weights_path is not None:
+        try:
+            full.load_weights(weights_path)
+        except Exception as exc:
+            raise GraftlineError(
+                f"cannot load base.weights file {weights_path} into {model}: {exc} (a Keras weights file for it "
+                "holds the whole network with its ImageNet classifier, as graftline converts it; or name the .pth)"
+            ) from None
+    return keras.Model(full.inputs, full.get_layer(spec.pool_layer).output, name=model)
 
 
 def build_feature_extractor(model: str, alpha: float, image_size: int, weights_path: str | None,
@@ -224,7 +263,9 @@ def cache_fingerprint(base, upsample: int, weights_path: str) -> str:
         "preprocessing": preprocessing_of(base.model),
         "decode": images.DECODE_VERSION,
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    # The folder's name starts with the base's, so a person can tell the caches apart.
+    tag = "keras" if is_keras_file(base.model) else base.model
+    return f"{tag}-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def extractor_for_params(params, weights_path: str | None):

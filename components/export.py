@@ -99,9 +99,9 @@ def tflite(saved_model_dir: Path, quantize: bool) -> bytes:
 def tflite_predict(content: bytes, images: np.ndarray) -> np.ndarray:
     """Class probabilities of a TFLite model for [n, size, size, 3] images in [0, 255], one photo per invoke
     (as components/inference.py runs Keras: the agreement does not depend on batching)."""
-    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter  # LiteRT: tf.lite.Interpreter is deprecated
 
-    interpreter = tf.lite.Interpreter(model_content=content)
+    interpreter = Interpreter(model_content=content)
     source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     interpreter.resize_tensor_input(source["index"], [1, *images.shape[1:]])
     interpreter.allocate_tensors()

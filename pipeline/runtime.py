@@ -21,9 +21,6 @@ class _UnusedFileSystems(logging.Filter):
 logging.getLogger("apache_beam.io.filesystems").addFilter(_UnusedFileSystems())
 # Keras says this at the end of every first epoch over a tf.data.Dataset of unknown length.
 warnings.filterwarnings("ignore", message="Your input ran out of data")
-# tf.lite.Interpreter still ships with TensorFlow 2.21 and runs the export check; its successor
-# (ai_edge_litert) would be one more large dependency for the same result.
-warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated")
 
 
 def configure(seed: int) -> None:
