@@ -15,8 +15,16 @@
    epochs at RMSprop 1e-4, then layers >= 100 at RMSprop 1e-5 for 10 more, the
    base run on the images every epoch; then its test accuracy.
 
-Prints the machine, a table per run, both test accuracies and the ratios.
-Run it alone: the two runs are timed on the same cores.
+Several graftline configurations in one invocation, beside one tutorial run
+(``--run LABEL KEY=VALUE ...``, repeatable; without it, the defaults):
+
+    .venv/bin/python benchmarks/real_scale.py --photos ../shared/data/flower_photos --weights ... \
+        --run mobilenet_v2@160 --run mobilenet_v2@224 base.image_size=224 \
+        --run lite0 base.model=efficientnet_lite0 --json out.json --plot accuracy_time.png
+
+Prints the machine, a table per run, the test accuracies and the ratios to the
+tutorial; ``--json`` keeps every figure, ``--plot`` draws test accuracy against
+whole-run wall time. Run it alone: the runs are timed on the same cores.
 """
 from __future__ import annotations
 
@@ -219,13 +227,63 @@ def run_tutorial(work: Path, folders: Path, keras_home: Path) -> dict:
     return {**json.loads(out.read_text()), "wall_s": wall, "peak_rss_mb": max(peaks.values()) / 2**20}
 
 
+def report_graftline(label: str, g: dict) -> None:
+    print(f"\n## {label}\n\nphotos: {g['ingest']['num_examples']} ({g['ingest']['splits']}), "
+          f"{g['ingest']['num_duplicates']} duplicates, {g['ingest']['num_label_conflicts']} label conflicts\n")
+    print("| graftline stage | wall s | in-stage s | peak RSS MB |")
+    print("|---|---:|---:|---:|")
+    for s in g["stages"]:
+        inner = f"{s['in_stage_s']:.1f}" if s["in_stage_s"] is not None else "-"
+        print(f"| {s['stage']} | {s['wall_s']:.1f} | {inner} | {s['peak_rss_mb']:.0f} |")
+    print(f"| `dvc repro` | {g['wall_s']:.1f} | | {g['peak_rss_mb']:.0f} |")
+    m = g["metrics"]
+    print(f"\ngraftline {label}: head val {m['train_head']['val_accuracy']:.3f}, fine-tune val "
+          f"{m['fine_tune']['val_accuracy']:.3f}, **test {m['evaluate']['accuracy']:.3f}** "
+          f"({m['evaluate']['num_test']} photos)", flush=True)
+
+
+def write_results(path: Path, machine: str, photos: Path, results: list[dict], tutorial_row: dict | None) -> None:
+    kept = [{k: v for k, v in r.items() if k not in ("project", "keras_home")} for r in results]
+    path.write_text(json.dumps({"machine": machine, "photos": str(photos), "runs": kept, "tutorial": tutorial_row},
+                               indent=2) + "\n")
+
+
+def plot(rows: list[dict], tutorial_row: dict | None, path: Path, machine: str) -> None:
+    """Test accuracy against whole-run wall time, one point per run (the tutorial's marked apart)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        ax.scatter(row["wall_s"], row["test"], color="tab:blue")
+        ax.annotate(row["label"], (row["wall_s"], row["test"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if tutorial_row:
+        ax.scatter(tutorial_row["wall_s"], tutorial_row["test"], color="tab:red", marker="s")
+        ax.annotate("tutorial recipe", (tutorial_row["wall_s"], tutorial_row["test"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+        ax.axvline(tutorial_row["wall_s"] / 4, color="grey", linestyle=":", label="1/4 of the tutorial's time")
+    ax.axhline(0.95, color="grey", linestyle="--", label="test 0.95")
+    ax.set_xlabel("whole run wall time, s (graftline: dvc repro from the download)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"flower_photos, one run each\n{machine}", fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", help="flower_photos folder (class folders)")
     parser.add_argument("--weights", help="MobileNetV2 1.0 ImageNet weights file (no top)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="graftline params")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="graftline params, every run")
+    parser.add_argument("--run", action="append", nargs="+", metavar="LABEL [KEY=VALUE ...]",
+                        help="one graftline configuration (repeatable); default: one run with the defaults")
     parser.add_argument("--skip-tutorial", action="store_true", help="graftline only")
     parser.add_argument("--keep", help="leave the work folder here")
+    parser.add_argument("--json", help="write every figure here")
+    parser.add_argument("--plot", help="draw test accuracy against wall time here (PNG)")
     parser.add_argument("--tutorial-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tutorial_child:
@@ -235,44 +293,58 @@ def main() -> None:
 
     from machine import describe
 
-    print(f"machine: {describe()}", flush=True)
+    machine = describe()
+    print(f"machine: {machine}", flush=True)
     photos, weights = Path(args.photos).resolve(), Path(args.weights).resolve()
     work = Path(args.keep or tempfile.mkdtemp(prefix="graftline-real-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     served = work / "served"
     served.mkdir(exist_ok=True)
     sha256 = pack(photos, served / "flower_photos.tgz")
-    server = serve(served)
-    try:
-        g = run_graftline(work, f"http://127.0.0.1:{server.server_address[1]}/flower_photos.tgz", sha256, weights,
-                          args.set)
-    finally:
-        server.shutdown()
+    runs = args.run or [["defaults"]]
     print(f"\ndata: {photos} as flower_photos.tgz over loopback; graftline params: defaults"
           + (f" with {', '.join(args.set)}" if args.set else ""))
-    print(f"photos: {g['ingest']['num_examples']} ({g['ingest']['splits']}), "
-          f"{g['ingest']['num_duplicates']} duplicates, {g['ingest']['num_label_conflicts']} label conflicts\n")
-    print("| graftline stage | wall s | in-stage s | peak RSS MB |")
-    print("|---|---:|---:|---:|")
-    for s in g["stages"]:
-        inner = f"{s['in_stage_s']:.1f}" if s["in_stage_s"] is not None else "-"
-        print(f"| {s['stage']} | {s['wall_s']:.1f} | {inner} | {s['peak_rss_mb']:.0f} |")
-    print(f"| `dvc repro` | {g['wall_s']:.1f} | | {g['peak_rss_mb']:.0f} |")
-    m = g["metrics"]
-    print(f"\ngraftline: head val {m['train_head']['val_accuracy']:.3f}, fine-tune val "
-          f"{m['fine_tune']['val_accuracy']:.3f}, **test {m['evaluate']['accuracy']:.3f}** "
-          f"({m['evaluate']['num_test']} photos)")
-    if args.skip_tutorial:
-        return
-    folders = work / "tutorial-split"
-    counts = split_folders(g["project"], photos, folders)  # keys are paths relative to the class folders
-    t = run_tutorial(work, folders, g["keras_home"])
-    print(f"\ntutorial recipe on the same split {counts}: wall {t['wall_s']:.1f} s (head {t['head_s']:.1f} s, "
-          f"fine-tune {t['fine_tune_s']:.1f} s), peak RSS {t['peak_rss_mb']:.0f} MB, val {t['val_accuracy']:.3f}, "
-          f"**test {t['test_accuracy']:.3f}**")
-    print(f"\nratios: graftline / tutorial wall time {g['wall_s'] / t['wall_s']:.2f}; "
-          f"test accuracy {m['evaluate']['accuracy'] - t['test_accuracy']:+.3f}; "
-          f"peak RSS {g['peak_rss_mb'] / t['peak_rss_mb']:.2f}")
+    server = serve(served)
+    results = []
+    try:
+        for label, *overrides in runs:
+            g = run_graftline(work / label.replace("/", "_"), f"http://127.0.0.1:{server.server_address[1]}/flower_photos.tgz",
+                              sha256, weights, args.set + overrides)
+            report_graftline(f"{label} ({', '.join(overrides) or 'defaults'})", g)
+            m = g["metrics"]
+            results.append({"label": label, "set": args.set + overrides, "wall_s": round(g["wall_s"], 1),
+                            "peak_rss_mb": round(g["peak_rss_mb"]), "head_val": m["train_head"]["val_accuracy"],
+                            "val": m["fine_tune"]["val_accuracy"], "test": m["evaluate"]["accuracy"],
+                            "num_test": m["evaluate"]["num_test"], "project": g["project"], "keras_home": g["keras_home"],
+                            "stages": {s["stage"]: round(s["wall_s"], 1) for s in g["stages"]}})
+            if args.json:  # after every run, so a long invocation that dies keeps what it measured
+                write_results(Path(args.json), machine, photos, results, None)
+    finally:
+        server.shutdown()
+    tutorial_row = None
+    if not args.skip_tutorial:
+        folders = work / "tutorial-split"
+        counts = split_folders(results[0]["project"], photos, folders)  # keys are paths relative to the class folders
+        t = run_tutorial(work, folders, results[0]["keras_home"])
+        print(f"\ntutorial recipe on the same split {counts}: wall {t['wall_s']:.1f} s (head {t['head_s']:.1f} s, "
+              f"fine-tune {t['fine_tune_s']:.1f} s), peak RSS {t['peak_rss_mb']:.0f} MB, val {t['val_accuracy']:.3f}, "
+              f"**test {t['test_accuracy']:.3f}**")
+        tutorial_row = {"label": "tutorial", "wall_s": round(t["wall_s"], 1), "peak_rss_mb": round(t["peak_rss_mb"]),
+                        "val": t["val_accuracy"], "test": t["test_accuracy"]}
+    print("\n| run | head val | fine-tune val | test | `dvc repro` s | peak RSS MB |"
+          + (" time / tutorial |" if tutorial_row else ""))
+    print("|---|---:|---:|---:|---:|---:|" + ("---:|" if tutorial_row else ""))
+    for r in results:
+        ratio = f" {r['wall_s'] / tutorial_row['wall_s']:.2f} |" if tutorial_row else ""
+        print(f"| {r['label']} | {r['head_val']:.3f} | {r['val']:.3f} | {r['test']:.3f} | {r['wall_s']:.1f} | "
+              f"{r['peak_rss_mb']} |{ratio}")
+    if tutorial_row:
+        print(f"| tutorial recipe | | {tutorial_row['val']:.3f} | {tutorial_row['test']:.3f} | "
+              f"{tutorial_row['wall_s']:.1f} | {tutorial_row['peak_rss_mb']} | 1.00 |")
+    if args.json:
+        write_results(Path(args.json), machine, photos, results, tutorial_row)
+    if args.plot:
+        plot(results, tutorial_row, Path(args.plot), machine)
 
 
 if __name__ == "__main__":
