@@ -101,7 +101,7 @@ def _rebuild(path: Path, tensor: _Tensor, buffers: dict[str, np.ndarray]) -> np.
         raise _bad(path, f"a tensor of shape {size} reaches past its storage {key}")
     item = flat.itemsize
     view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size, strides=[s * item for s in stride])
-    return np.ascontiguousarray(view)
+    return np.array(view, order="C")  # a copy; np.ascontiguousarray would make a 0-d tensor 1-d
 
 
 def _tensors(path: Path, obj, buffers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
