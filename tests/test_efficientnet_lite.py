@@ -209,3 +209,16 @@ def test_predict_with_the_lite0_model_agrees_with_its_evaluation(lite_tfx_run):
     assert out.returncode == 0, out.stderr[-3000:]
     predicted = [r["top"][0]["class"] for r in json.loads(out.stdout)]
     assert len(keys) >= 5 and predicted == [row.split(",")[1] for row in evaluated.splitlines()[1:]]
+
+
+def test_each_lite_base_gets_its_own_size_unless_one_is_given():
+    from pipeline import params as params_mod, presets
+    from conftest import REPO
+
+    for name, size in (("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260),
+                       ("mobilenet_v2", 160)):
+        assert params_mod.from_dict({"base": {"model": name}}).base.image_size == size
+    assert params_mod.from_dict({"base": {"model": "efficientnet_lite2", "image_size": 200}}).base.image_size == 200
+    raw = params_mod.read_yaml((REPO / "params.yaml").read_text())
+    lite0 = params_mod.from_dict(presets.merged(raw, presets.load(REPO / "presets", "flowers_lite0")))
+    assert (lite0.base.model, lite0.base.image_size, lite0.fine_tune_at) == ("efficientnet_lite0", 224, 100)
