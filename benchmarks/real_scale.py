@@ -255,20 +255,25 @@ def plot(rows: list[dict], tutorial_row: dict | None, path: Path, machine: str) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, row in enumerate(sorted(rows, key=lambda r: r["wall_s"])):  # labels above and below by turns
         ax.scatter(row["wall_s"], row["test"], color="tab:blue")
-        ax.annotate(row["label"], (row["wall_s"], row["test"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(row["label"], (row["wall_s"], row["test"]), textcoords="offset points",
+                    xytext=(5, 5 if i % 2 == 0 else -12), fontsize=8)
+    times, tests = [r["wall_s"] for r in rows], [r["test"] for r in rows]
     if tutorial_row:
         ax.scatter(tutorial_row["wall_s"], tutorial_row["test"], color="tab:red", marker="s")
         ax.annotate("tutorial recipe", (tutorial_row["wall_s"], tutorial_row["test"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+                    xytext=(-40, 6), fontsize=8)
         ax.axvline(tutorial_row["wall_s"] / 4, color="grey", linestyle=":", label="1/4 of the tutorial's time")
-    ax.axhline(0.95, color="grey", linestyle="--", label="test 0.95")
+        times, tests = times + [tutorial_row["wall_s"]], tests + [tutorial_row["test"]]
+    ax.axhline(0.95, color="grey", linestyle="--", label="test accuracy 0.95")
+    ax.set_xlim(0, max(times) * 1.15)
+    ax.set_ylim(min(tests) - 0.01, max(max(tests), 0.95) + 0.01)
     ax.set_xlabel("whole run wall time, s (graftline: dvc repro from the download)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"flower_photos, one run each\n{machine}", fontsize=8)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("flower_photos, one run each\n" + machine.replace("; ", "\n"), fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -284,10 +289,14 @@ def main() -> None:
     parser.add_argument("--keep", help="leave the work folder here")
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--plot", help="draw test accuracy against wall time here (PNG)")
+    parser.add_argument("--replot", metavar="JSON", help="only draw --plot from a --json file of an earlier run")
     parser.add_argument("--tutorial-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tutorial_child:
         return tutorial(Path(args.tutorial_child[0]), Path(args.tutorial_child[1]))
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        return plot(saved["runs"], saved["tutorial"], Path(args.plot or "accuracy_time.png"), saved["machine"])
     if not (args.photos and args.weights):
         parser.error("give --photos and --weights")
 
