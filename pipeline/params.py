@@ -269,10 +269,11 @@ class TfxParams(Section):
 @dataclass(frozen=True)
 class Params(Section):
     seed: int = param(42, "seeds Python, NumPy, TensorFlow")
-    fine_tune_at: int = param(100, "base layers with index >= this are trained in fine-tune (MobileNetV2 has 155, "
-                              "EfficientNet-Lite0 142, Lite1 and Lite2 187); "
-                              "-1 freezes the base", lambda v: v >= -1,
-                              "-1 (freeze the whole base) or a layer index >= 0")
+    fine_tune_at: int | str = param(100, "base layers with index >= this are trained in fine-tune (MobileNetV2 has "
+                                    "155, EfficientNet-Lite0 142, Lite1 and Lite2 187), or from the layer of this "
+                                    "name up (e.g. `block_13_expand`); -1 freezes the base",
+                                    lambda v: v != "" if isinstance(v, str) else v >= -1,
+                                    "-1 (freeze the whole base), a layer index >= 0, or a layer name of the base")
     data: DataParams = field(default_factory=DataParams)
     base: BaseParams = field(default_factory=BaseParams)
     input_block: InputBlockParams = field(default_factory=InputBlockParams)
@@ -305,6 +306,10 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             _fail(key, value, "an integer")
+        return value
+    if kind == (int | str):  # fine_tune_at: a layer index or a layer name
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            _fail(key, value, "an integer or a layer name")
         return value
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

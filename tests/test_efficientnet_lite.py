@@ -222,3 +222,26 @@ def test_each_lite_base_gets_its_own_size_unless_one_is_given():
     raw = params_mod.read_yaml((REPO / "params.yaml").read_text())
     lite0 = params_mod.from_dict(presets.merged(raw, presets.load(REPO / "presets", "flowers_lite0")))
     assert (lite0.base.model, lite0.base.image_size, lite0.fine_tune_at) == ("efficientnet_lite0", 224, 100)
+
+
+@pytest.mark.parametrize("model, name", [("mobilenet_v2", "block_13_expand"), ("efficientnet_lite0", "block_10_expand")])
+def test_fine_tune_at_may_name_a_layer_of_the_base(model, name):
+    """A layer name opens the same layers as its index; an unknown one fails with the nearest names."""
+    from components import base_models
+    from components.stages import fine_tune
+    from pipeline import params as params_mod
+
+    by_name = params_mod.from_dict({"fine_tune_at": name, "base": {"model": model, "weights": "none",
+                                                                   "image_size": 96}})
+    extractor = base_models.extractor_for_params(by_name, None)
+    base = base_models.base_of(extractor)
+    index = [layer.name for layer in base.layers].index(name)
+    by_index = params_mod.from_dict({**by_name.to_dict(), "fine_tune_at": index})
+    assert fine_tune.fine_tune_index(by_name, base) == fine_tune.fine_tune_index(by_index, base) == index
+    assert fine_tune.unfrozen_layers(by_name, base) == len(base.layers) - index
+    typo = params_mod.from_dict({**by_name.to_dict(), "fine_tune_at": name.replace("expand", "expnad")})
+    with pytest.raises(GraftlineError, match=rf"'{name.replace('expand', 'expnad')}' is not a layer of {model}; "
+                                             rf"the nearest names: {name}"):
+        fine_tune.fine_tune_index(typo, base)
+    with pytest.raises(GraftlineError, match=r"fine_tune_at = '' is not allowed"):
+        params_mod.from_dict({"fine_tune_at": ""})

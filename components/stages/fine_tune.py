@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import csv
+import difflib
 import hashlib
 import json
 import shutil
@@ -46,6 +47,24 @@ TFLITE_CHECK_MAX = 256  # test photos the TFLite models are compared with Keras 
 CHECKPOINT_STATE = "state.json"
 
 
+def fine_tune_index(params, base) -> int:
+    """``fine_tune_at`` as an index into the base's layers: an index as given, a layer name as that layer's."""
+    at, names = params.fine_tune_at, [layer.name for layer in base.layers]
+    if isinstance(at, str):
+        if at in names:
+            return names.index(at)
+        nearest = difflib.get_close_matches(at, names, n=5, cutoff=0.5) or names[-3:]
+        raise GraftlineError(f"params: fine_tune_at = {at!r} is not a layer of {params.base.model}; the nearest "
+                             f"names: {', '.join(nearest)} (or give a layer index, 0..{len(names)})")
+    if at > len(names):
+        raise GraftlineError(
+            f"params: fine_tune_at = {at} is past the end of {params.base.model}, which has "
+            f"{len(names)} layers; use 0..{len(names)} (0 trains all, {len(names)} none), a layer name, "
+            "or -1 to freeze the base."
+        )
+    return at
+
+
 def build_classifier(params, head):
     """Feature extractor + head as one model; returns (model, base) with base layers frozen below fine_tune_at."""
     import keras
@@ -54,14 +73,9 @@ def build_classifier(params, head):
     weights_path = base_models.resolve_weights(b.model, b.alpha, b.image_size, b.weights)
     extractor = base_models.extractor_for_params(params, weights_path)
     base = base_models.base_of(extractor)
-    n_layers = len(base.layers)
-    if params.fine_tune_at > n_layers:
-        raise GraftlineError(
-            f"params: fine_tune_at = {params.fine_tune_at} is past the end of {b.model}, which has "
-            f"{n_layers} layers; use 0..{n_layers} (0 trains all, {n_layers} none) or -1 to freeze the base."
-        )
-    base.trainable = params.fine_tune_at != -1
-    for layer in base.layers[: max(params.fine_tune_at, 0)]:
+    at = fine_tune_index(params, base)
+    base.trainable = at != -1
+    for layer in base.layers[: max(at, 0)]:
         layer.trainable = False
     # BatchNorm stays in inference mode: in Keras 3, fit's training=True overrides the
     # training=False the base is called with (keras-team/keras#20285), and only a frozen
@@ -76,7 +90,8 @@ def build_classifier(params, head):
 
 def unfrozen_layers(params, base) -> int:
     """How many base layers fine_tune_at opened for training (their BatchNorm layers stay frozen)."""
-    return 0 if params.fine_tune_at == -1 else max(0, len(base.layers) - params.fine_tune_at)
+    at = fine_tune_index(params, base)
+    return 0 if at == -1 else max(0, len(base.layers) - at)
 
 
 def checkpoint_callback(folder: Path, fingerprint: str, done_rows: list, first_epoch: int):
@@ -284,7 +299,7 @@ def fit_on_activations(params, classifier, examples: Path, labels: list, resume,
         activations.copy_weights(keras.saving.load_model(resume / export.MODEL_FILE), classifier)
         return {}
     extractor = classifier.get_layer("feature_extractor")
-    front, top, cut = activations.split(extractor, params.fine_tune_at)
+    front, top, cut = activations.split(extractor, fine_tune_index(params, base_models.base_of(extractor)))
     cut_layer = base_models.base_of(extractor).layers[cut - 1].name  # whose output is cached
     views = activations.views_for(params.augment)
     caches = activation_caches(params, front, cut_layer, views)
