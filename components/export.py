@@ -137,5 +137,6 @@ def export(model, labels: list[str], image_size: int, out_dir: Path, check_image
         if keras_top1 is not None:
             agree = tflite_predict(content, check_images).argmax(axis=1) == keras_top1
             entry["top1_agreement"] = round(float(np.mean(agree)), 6)
+            entry["checked_photos"] = len(check_images)
         summary[kind] = entry
     return summary

@@ -202,6 +202,10 @@ def test_export_round_trip_keras_saved_model_tflite(project):
     metrics = load(project.first / "metrics/fine_tune.json")
     assert metrics["tflite_float_top1_agreement"] == 1.0
     assert metrics["tflite_dynamic_range_top1_agreement"] >= 0.9
+    from components.stages.fine_tune import TFLITE_CHECK_MAX
+
+    checked = load(project.first / "reports/fine_tune.json")["tflite"]
+    assert {entry["checked_photos"] for entry in checked.values()} == {min(60, TFLITE_CHECK_MAX)}
     assert (project.first / "plots/learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (project.first / "plots/confusion.png").read_bytes()[:4] == b"\x89PNG"
 
