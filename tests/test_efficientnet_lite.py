@@ -19,7 +19,7 @@ from components.errors import GraftlineError
 from components.fetch import sha256_of
 from components.torch_state import RefusedPickle, load_state_dict
 from conftest import FLOWERS, copy_repo, project_env, require_shared, run
-from torch_files import write_legacy, write_zip
+from pth_files import write_legacy, write_zip
 
 IMAGENET_DAISY = 985
 TENSORS = {"a.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 4),
