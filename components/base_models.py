@@ -119,41 +119,40 @@ def resolve_weights(model: str, alpha: float, image_size: int, weights: str) -> 
         return str(path)
     if weights == "none":
         return None
-    if model in efficientnet_lite.VARIANTS and (weights == "imagenet" or weights.endswith(".pth")):
-        if weights != "imagenet" and not Path(weights).expanduser().is_file():
-            raise GraftlineError(f"params: base.weights = {weights!r}: no such file")
-        folder = keras_models_dir()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise GraftlineError(f"cannot create {folder} ({exc}), where {model}'s converted weights go; "
-                                 "set KERAS_HOME to a writable folder") from None
-        return str(efficientnet_lite.keras_weights(model, weights, folder))
     if weights != "imagenet":
         path = Path(weights).expanduser()
         if not path.is_file():
             raise GraftlineError(
                 f"params: base.weights = {weights!r}: no such file. Point it at a Keras weights "
-                "file (.h5 / .weights.h5), or use 'imagenet' or 'none'."
+                "file (.h5 / .weights.h5; for EfficientNet-Lite also a .pth), or use 'imagenet' or 'none'."
             )
-        return str(path)
+        if not (model in efficientnet_lite.VARIANTS and path.suffix == ".pth"):
+            return str(path)
+    if model in efficientnet_lite.VARIANTS:  # the registry package's .pth, or the one named: converted once
+        folder = _models_folder(f"{model}'s converted weights go there; set KERAS_HOME to a writable folder")
+        return str(efficientnet_lite.keras_weights(model, weights, folder))
     from components.fetch import fetch  # network code only when needed
 
     name, url = REGISTRY[model].weights_file(alpha, image_size)
-    folder = keras_models_dir()
-    path = folder / name
+    path = keras_models_dir() / name
     if path.is_file():
         return str(path)
     hint = (
-        f"graftline needs the Keras ImageNet weights file {name} in {folder} "
+        f"graftline needs the Keras ImageNet weights file {name} in {path.parent} "
         "(set KERAS_HOME to use another folder, as Keras does). Copy the file there, or set "
         "base.weights: /path/to/weights.h5 in params.yaml (or dvc exp run -S base.weights=...)."
     )
+    return str(fetch(url, _models_folder(hint) / name, what=f"ImageNet weights for {model}", offline_hint=hint))
+
+
+def _models_folder(hint: str) -> Path:
+    """keras_models_dir(), created; one clear line (with ``hint``) when it cannot be."""
+    folder = keras_models_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GraftlineError(f"cannot create {folder} ({exc}). {hint}") from None
-    return str(fetch(url, path, what=f"ImageNet weights for {model}", offline_hint=hint))
+    return folder
 
 
 def _keras_file_base(path: str, image_size: int, feature_layer: str):
