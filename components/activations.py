@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Iterator
 
 import numpy as np
 
@@ -163,56 +164,60 @@ def compute(front, examples_dir, split: str, views, image_size: int, caches: dic
     return acts, np.asarray(labels, np.int64), computed
 
 
-def batches(acts: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int, seed: int, mixup: float,
-            first_epoch: int = 0):
+class ActivationBatches:
     """Keras batches of cached activations: each epoch every photo once, in one of its views picked at
     random, shuffled; with ``mixup`` > 0 each photo is mixed with another one (activations and one-hot
     labels, weight ~ Beta(mixup, mixup), the larger share to the photo itself), mixup in feature space.
 
-    Every epoch's order, views and mixing come from (seed, epoch), so a resumed run sees the same epochs.
+    Every epoch's order, views and mixing come from (seed, epoch) alone, and fit reads them from one
+    generator, epoch after epoch (``from_epoch``), so a resumed run sees the same epochs. (A Keras
+    PyDataset would not do: its loader prefetches across its on_epoch_end, so which epoch's plan the
+    last batches of an epoch come from depends on timing.)
     """
-    import keras
 
-    one_hot = np.eye(num_classes, dtype=np.float32)
+    def __init__(self, acts: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int, seed: int,
+                 mixup: float):
+        self.acts, self.labels, self.batch_size, self.seed, self.mixup = acts, labels, batch_size, seed, mixup
+        self.one_hot = np.eye(num_classes, dtype=np.float32)
 
-    class ActivationBatches(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__()
-            self.epoch = first_epoch
-            self._plan()
+    def __len__(self) -> int:
+        """Batches per epoch (fit's steps_per_epoch)."""
+        return -(-len(self.labels) // self.batch_size)
 
-        def _plan(self):
-            rng = np.random.default_rng([seed, self.epoch])
-            n = len(labels)
-            self.order, self.views = rng.permutation(n), rng.integers(0, acts.shape[1], n)
-            self.partner, self.share = rng.permutation(n), np.ones(n, np.float32)
-            if mixup:
-                share = rng.beta(mixup, mixup, n).astype(np.float32)
-                self.share = np.maximum(share, 1 - share)
+    def epoch(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.labels)
+        order, views = rng.permutation(n), rng.integers(0, self.acts.shape[1], n)
+        partner, share = rng.permutation(n), np.ones(n, np.float32)
+        if self.mixup:
+            drawn = rng.beta(self.mixup, self.mixup, n).astype(np.float32)
+            share = np.maximum(drawn, 1 - drawn)
 
-        def __len__(self):
-            return -(-len(labels) // batch_size)
-
-        def __getitem__(self, index):
-            rows = self.order[index * batch_size:(index + 1) * batch_size]
-            x, y = self._example(rows)
-            if mixup:
-                share = self.share[rows]
-                x_other, y_other = self._example(self.partner[rows])
-                x_share = share.reshape((-1,) + (1,) * (x.ndim - 1))
-                x = x_share * x + (1 - x_share) * x_other
-                y = share[:, None] * y + (1 - share[:, None]) * y_other
-            return x, y
-
-        def _example(self, rows):
+        def example(rows):
             """(activations in this epoch's view, one-hot labels) of ``rows``."""
-            return acts[rows, self.views[rows]].astype(np.float32), one_hot[labels[rows]]
+            return self.acts[rows, views[rows]].astype(np.float32), self.one_hot[self.labels[rows]]
 
-        def on_epoch_end(self):
-            self.epoch += 1
-            self._plan()
+        for index in range(len(self)):
+            rows = order[index * self.batch_size:(index + 1) * self.batch_size]
+            x, y = example(rows)
+            if self.mixup:
+                x_other, y_other = example(partner[rows])
+                x_share = share[rows].reshape((-1,) + (1,) * (x.ndim - 1))
+                x = x_share * x + (1 - x_share) * x_other
+                y = share[rows][:, None] * y + (1 - share[rows][:, None]) * y_other
+            yield x, y
 
-    return ActivationBatches()
+    def from_epoch(self, first: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every epoch's batches from ``first`` on, without end: fit takes len(self) per epoch."""
+        epoch = first
+        while True:
+            yield from self.epoch(epoch)
+            epoch += 1
+
+
+def batches(acts: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int, seed: int,
+            mixup: float) -> ActivationBatches:
+    return ActivationBatches(acts, labels, num_classes, batch_size, seed, mixup)
 
 
 def copy_weights(source, target) -> int:

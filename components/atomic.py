@@ -2,7 +2,9 @@
 
 DVC caches whatever is at an output path when a stage ends, and a later stage
 trusts it; so every output is written under a temporary name beside its
-final place and renamed into place only when complete.
+final place and renamed into place only when complete. A stage's outputs go
+further, as one set (``output_set``): a run that fails or is killed leaves the
+last good set in place, whole, and a complete run replaces all of it.
 """
 from __future__ import annotations
 
@@ -93,6 +95,70 @@ def atomic_file(final: Path, mode: str = "w") -> Iterator:
     """Open a temporary file beside ``final``; on success it replaces ``final``."""
     with atomic_path(final) as tmp, open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as handle:
         yield handle
+
+
+@contextlib.contextmanager
+def output_set(finals: dict[str, Path], journal: Path) -> Iterator[dict[str, Path]]:
+    """Yield a temporary path per output (``<parent>/.<name>.tmp-<pid>-*/<name>``: same name, same folder, so
+    writers that go by the suffix work); when the block ends without an error, they replace ``finals`` as one set.
+
+    An output the block did not make is removed from its final place (the set is what this run made).
+    The replacing is journalled first: a run killed in the middle of it is completed by the next run
+    (``complete``), never left half old, half new. An error (or a kill) before that leaves ``finals``
+    untouched; ``FailedWithOutputs`` replaces them and is raised on.
+    """
+    from components.errors import FailedWithOutputs
+
+    complete(journal)
+    staged = {}
+    for name, final in finals.items():
+        final = Path(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(final)
+        holder = Path(tempfile.mkdtemp(prefix=_prefix(final), dir=final.parent))
+        os.chmod(holder, 0o777 & ~_UMASK)
+        staged[name] = holder / final.name
+    try:
+        yield staged
+    except FailedWithOutputs:
+        _replace(staged, finals, journal)
+        raise
+    except BaseException:
+        for path in staged.values():
+            shutil.rmtree(path.parent, ignore_errors=True)
+        raise
+    _replace(staged, finals, journal)
+
+
+def _replace(staged: dict[str, Path], finals: dict[str, Path], journal: Path) -> None:
+    write_json(journal, [[str(staged[name]), str(final), staged[name].exists()] for name, final in finals.items()])
+    complete(journal)
+
+
+def complete(journal: Path) -> list[str]:
+    """Finish the replacing that ``journal`` lists (a killed run's), if any; returns the outputs it put in place.
+
+    Each step can be repeated after a kill: a temporary folder goes only once its output is in place.
+    """
+    journal = Path(journal)
+    if not journal.exists():
+        return []
+    done = []
+    for staged, final, made in read_json(journal):
+        staged, final = Path(staged), Path(final)
+        if not staged.parent.exists() or (made and not staged.exists()):  # put in place before the kill
+            shutil.rmtree(staged.parent, ignore_errors=True)
+            continue
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        elif final.exists() or final.is_symlink():
+            final.unlink()
+        if made:
+            os.replace(staged, final)
+            done.append(str(final))
+        shutil.rmtree(staged.parent)
+    journal.unlink()
+    return done
 
 
 def write_json(path: Path, obj) -> None:

@@ -15,6 +15,8 @@ from typing import Iterator
 from components.errors import GraftlineError
 
 DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+# What Beam's DirectRunner runs a batch pipeline on, named in full: Beam builds it directly, with no Prism attempt.
+FN_API_RUNNER = "apache_beam.runners.portability.fn_api_runner.fn_runner.FnApiRunner"
 
 
 def is_dask(runner: str) -> bool:
@@ -39,6 +41,22 @@ def beam_flags(p, units: int = 0, dask_address: str = "") -> list[str]:
     if p.runner == "DirectRunner" and p.workers > 1 and "direct_running_mode" not in given:
         flags += ["--direct_running_mode=multi_processing", f"--direct_num_workers={p.workers}"]
     return flags + list(p.beam_options)
+
+
+def tfx_beam_args(p) -> list[str]:
+    """beam_pipeline_args for TFX's own Beam-using components (StatisticsGen, Transform, Evaluator, any
+    component with use_beam): bottleneck's runner and flags, DirectRunner named as its FnApiRunner.
+
+    TFX makes those pipelines itself (``beam.Pipeline(argv=beam_pipeline_args)``), so the runner must be
+    in the flags: DirectRunner would try Prism first (see pipeline_runner). A Dask runner needs the
+    cluster the bottleneck stage starts around its own run, so TFX's components run on the FnApiRunner.
+    """
+    if p.runner != "DirectRunner" and not is_dask(p.runner):
+        return beam_flags(p)
+    flags = [f"--runner={FN_API_RUNNER}"]
+    if p.workers > 1 and "direct_running_mode" not in " ".join(p.beam_options):
+        flags += ["--direct_running_mode=multi_processing", f"--direct_num_workers={p.workers}"]
+    return flags + ([] if is_dask(p.runner) else list(p.beam_options))
 
 
 def pipeline_runner(p, options):

@@ -1,13 +1,15 @@
 """What a training stage logs epoch by epoch beside its own curve: TensorBoard and DVCLive.
 
 - ``outputs["tensorboard"]`` (logs/<stage>, git-ignored, not a DVC output): Keras'
-  TensorBoard callback, so ``tensorboard --logdir logs`` works as TensorFlow users
-  expect. Emptied at the start of a run (a resumed fine-tune keeps it).
-- ``outputs["live"]`` (dvclive/<stage>, declared in dvc.yaml): DVCLive's Keras
-  callback writes metrics.json and one TSV per metric after every epoch, so
-  ``dvc exp show`` shows a running experiment's latest epoch and ``dvc plots``
-  reads the curves as in any DVCLive project. Its metrics.json holds the epoch's
-  figures and step only (no time): deterministic, like every metrics file here.
+  TensorBoard callback, written as the epochs go, so ``tensorboard --logdir logs``
+  follows a running stage as TensorFlow users expect. Emptied at the start of a run
+  (a resumed fine-tune keeps it).
+- ``outputs["live"]`` (dvclive/<stage>, declared in dvc.yaml): DVCLive's files
+  (metrics.json, one TSV per metric) written by DVCLive's own Keras callback from the
+  epochs' logs once the stage has them all, so they are part of the stage's output set
+  (components.atomic.output_set): whole, the same for a resumed run as for one that ran
+  through, never a killed run's half. ``dvc exp show`` and ``dvc plots`` read them as in any
+  DVCLive project. metrics.json holds the figures and step only (no time): deterministic.
 
 An adapter that passes neither (the TFX path) gets neither.
 """
@@ -17,24 +19,34 @@ import shutil
 from pathlib import Path
 
 
-def epoch_loggers(outputs: dict, resumed_after: int = 0) -> list:
-    """Keras callbacks for the logs ``outputs`` asks for; ``resumed_after``: the epochs a resumed run
-    already has (its DVCLive steps go on from there, even if the killed run died before logging its last)."""
-    resumed = resumed_after > 0
+def tensorboard(outputs: dict, resumed: bool = False) -> list:
+    """Keras' TensorBoard callback when ``outputs`` asks for its logs (a resumed run appends to them)."""
+    if "tensorboard" not in outputs:
+        return []
     import keras
 
-    callbacks = []
-    if "tensorboard" in outputs:
-        folder = Path(outputs["tensorboard"])
-        if not resumed:
-            shutil.rmtree(folder, ignore_errors=True)
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(folder), write_graph=False, profile_batch=0))
-    if "live" in outputs:
-        from dvclive import Live
-        from dvclive.keras import DVCLiveCallback
+    folder = Path(outputs["tensorboard"])
+    if not resumed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return [keras.callbacks.TensorBoard(log_dir=str(folder), write_graph=False, profile_batch=0)]
 
-        live = Live(dir=str(outputs["live"]), resume=resumed, save_dvc_exp=False, dvcyaml=None)
-        if resumed:
-            live.step = resumed_after  # DVCLive's step is the epoch's index
-        callbacks.append(DVCLiveCallback(live=live))
-    return callbacks
+
+def epoch_logs(history: dict) -> list[dict]:
+    """Keras' History (metric -> values) as one logs dict per epoch, as callbacks receive them."""
+    epochs = len(next(iter(history.values()), []))
+    return [{metric: values[i] for metric, values in history.items()} for i in range(epochs)]
+
+
+def write_live(outputs: dict, logs: list[dict]) -> None:
+    """DVCLive's files for these epochs' logs in ``outputs["live"]``, as its callback writes them during fit."""
+    if "live" not in outputs:
+        return
+    from dvclive import Live
+    from dvclive.keras import DVCLiveCallback
+
+    folder = Path(outputs["live"])
+    shutil.rmtree(folder, ignore_errors=True)
+    callback = DVCLiveCallback(live=Live(dir=str(folder), save_dvc_exp=False, dvcyaml=None))
+    for epoch, epoch_log in enumerate(logs):
+        callback.on_epoch_end(epoch, epoch_log)
+    callback.on_train_end()

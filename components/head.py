@@ -53,12 +53,23 @@ def curve_rows(history: dict, first_epoch: int) -> list[list]:
             for i in range(len(history["loss"]))]
 
 
-def early_stopping(patience: int) -> list:
+def early_stopping(patience: int, resumed: dict | None = None, best_weights=None) -> list:
     """Both training stages' rule: stop when val loss has not improved for ``patience`` epochs and
-    keep the best epoch's weights (no callback when patience is 0: every epoch runs, the last is kept)."""
+    keep the best epoch's weights (no callback when patience is 0: every epoch runs, the last is kept).
+
+    ``resumed`` ({wait, best, best_epoch}) and ``best_weights``: the callback's state after the last epoch of a
+    killed run, so that the resumed run stops and restores exactly where one that ran through would.
+    """
     import keras
 
-    return [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            if resumed:
+                self.wait, self.best, self.best_epoch = resumed["wait"], resumed["best"], resumed["best_epoch"]
+                self.best_weights = best_weights
+
+    return [ResumableEarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
             ] if patience else []
 
 

@@ -65,6 +65,9 @@ def missing_input(stage: str, inputs: dict) -> str | None:
 
 
 def run_stage(stage: str, params_path: str) -> dict:
+    """Validate params, check inputs and devices, run the stage; its tracked outputs replace the last set only
+    when it completes (components.atomic.output_set)."""
+    from components import atomic
     from components.errors import GraftlineError
     from pipeline import params as params_mod
 
@@ -79,7 +82,10 @@ def run_stage(stage: str, params_path: str) -> dict:
         runtime.configure_devices(module.split(".")[-1], params)  # before TensorFlow sets up its devices
         runtime.configure(params.seed)
     run = importlib.import_module(module).run
-    return run(params, {k: Path(v) for k, v in inputs.items()}, {k: Path(v) for k, v in outputs.items()})
+    table = stages.STAGES[stage]
+    staged = {k: Path(v) for k, v in table.staged_outputs().items()}
+    with atomic.output_set(staged, Path(table.journal)) as temporary:
+        return run(params, {k: Path(v) for k, v in inputs.items()}, {k: Path(v) for k, v in outputs.items()} | temporary)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from components.errors import GraftlineError
 from components.fetch import DOWNLOAD_DIR
+from components.photos import MAX_PIXELS
 
 FLOWERS_URL = "http://download.tensorflow.org/example_images/flower_photos.tgz"
 FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
@@ -83,7 +84,10 @@ class DataParams(Section):
     test_percent: float = param(15.0, "test split size, %", lambda v: 0 < v < 100, "a percentage > 0 and < 100")
     split_salt: str = param("", "changing it reshuffles every photo's split; keep it fixed")
     shard_size: int = param(1000, "photos per TFRecord shard", **at_least(1))
-    min_per_class: int = param(2, "a class with fewer photos is an error", **at_least(1))
+    min_per_class: int = param(3, "a class with fewer usable photos is an error; each class also needs a photo in "
+                               "every split (3 at the least)", **at_least(1))
+    max_pixels: int = param(MAX_PIXELS, "photos of more pixels (width x height) are skipped, the reason in "
+                            "reports/ingest.json; JPEGs are checked at 1/8 size", **at_least(1))
     workers: int = param(0, "processes that check photos in parallel (0 = one per core)", **at_least(0, " (0 = one per core)"))
     label_conflicts: str = param("drop", "the same photo under two classes: `drop` (no copy in any split) or "
                                  "`keep_first` (the first path's class)", allowed="drop or keep_first",

@@ -62,18 +62,33 @@ class Stage:
     comment: str = ""
     data_deps: tuple[str, ...] = ()  # deps that are not another stage's output (with their comment lines)
     also_runs: tuple[str, ...] = ()  # modules the command runs besides the stage's (their closure: code deps too)
+    # Each run makes every tracked output anew, and they replace the last set together (components.atomic.
+    # output_set), so dvc.yaml marks them persist: DVC must not delete the last good set before the run.
+    # False: the stage adds to its output (download's folder) and says so in its own options.
+    replaces_outputs: bool = True
 
     @property
     def dvc_name(self) -> str:
         return self.command.replace("-", "_")
 
+    @property
+    def journal(self) -> str:
+        """Where a run lists the outputs it is putting in place, so that a run killed doing it is completed."""
+        return f"{CHECKPOINTS}/{self.dvc_name}-outputs.json"
+
+    def staged_outputs(self) -> dict[str, str]:
+        """The outputs replaced as one set: those DVC tracks (TensorBoard's logs are written in place)."""
+        return {name: io.path for name, io in self.outputs.items() if io.declared and self.replaces_outputs}
+
 
 TRAINING = ("train.device", "train.mixed_precision", "train.strategy")
+CHECKPOINTS = "data/checkpoints"  # what a killed run leaves for the next one (git-ignored, not a DVC output)
+PERSIST = (("persist", True),)
 
 STAGES: dict[str, Stage] = {s.command: s for s in (
     Stage("download", "components.stages.download", {},
-          {"folder": out("data/download", "outs", ("persist", True))},
-          ("data.source", "data.url", "data.sha256"),
+          {"folder": out("data/download", "outs", *PERSIST)},
+          ("data.source", "data.url", "data.sha256"), replaces_outputs=False,
           comment="data.url -> data.source when data.source lies in data/download/ (a URL cannot be a DVC dep "
                   "offline)."),
     Stage("ingest", "components.stages.ingest",
@@ -95,7 +110,7 @@ STAGES: dict[str, Stage] = {s.command: s for s in (
           ("seed", "train_head") + TRAINING),
     Stage("fine-tune", "components.stages.fine_tune",
           {"examples": dep("artifacts/examples"), "labels": dep("artifacts/labels.json"),
-           "head": dep("artifacts/head"), "checkpoints": untracked("data/checkpoints/fine_tune")},
+           "head": dep("artifacts/head"), "checkpoints": untracked(f"{CHECKPOINTS}/fine_tune")},
           {"model": out("artifacts/model"), "report": out("reports/fine_tune.json", "outs", *NO_CACHE),
            "metrics": out("metrics/fine_tune.json", "metrics", *NO_CACHE),
            "plots": out("plots/fine_tune.csv", "plots", *NO_CACHE, ("x", "epoch")),
@@ -176,6 +191,8 @@ HEADER = """\
 # Five stages, each one `graftline <stage>`, after a small download one. Deps and params are exactly
 # what each stage reads (evaluate: all params, see there), so `dvc exp run -S fine_tune_at=N` re-runs
 # fine_tune and evaluate only. Code deps are the import closure of the stage's module.
+# persist: a stage's outputs replace the last set only when it completes (a failed or killed run leaves
+# them in place, dvc.lock saying they are stale); so DVC must not delete them first.
 stages:"""
 
 PLOTS = """\
@@ -214,9 +231,10 @@ def dvc_yaml() -> str:
             if entries:
                 lines.append(f"    {section}:")
             for d in entries:
+                options = d.options + (PERSIST if stage.replaces_outputs else ())
                 comment = f"   # {d.comment}" if d.comment else ""
-                lines.append(f"      - {d.path}{':' if d.options else ''}{comment}")
-                lines += [f"          {key}: {_value(value)}" for key, value in d.options]
+                lines.append(f"      - {d.path}{':' if options else ''}{comment}")
+                lines += [f"          {key}: {_value(value)}" for key, value in options]
         lines.append("")
     return "\n".join(lines) + PLOTS
 

@@ -23,6 +23,7 @@ from tfx.orchestration.metadata import sqlite_metadata_connection_config
 from tfx.orchestration.pipeline import Pipeline
 from tfx.types.artifact import Artifact
 
+from components import beam_runners
 from components.fetch import DOWNLOAD_DIR
 from pipeline import params as params_mod
 from pipeline import runtime, stages
@@ -143,6 +144,7 @@ def create_pipeline(params, pipeline_root: str, downloads: str, extract_dir: str
         components=[ingest, bottleneck, train_head, fine_tune, evaluate],
         metadata_connection_config=sqlite_metadata_connection_config(metadata_path) if metadata_path else None,
         enable_cache=True,
+        beam_pipeline_args=beam_runners.tfx_beam_args(params.bottleneck),
     )
 
 

@@ -131,6 +131,32 @@ def copy_repo(dest: Path) -> None:
             shutil.copy2(src, dest / rel)
 
 
+def small_dvc_project(folder: Path, classes: tuple[str, ...], per_class: int, **sections: dict
+                      ) -> tuple[Path, Path, dict, Path]:
+    """(project root, photo folder, env, log folder): this repo in a new git repo under ``folder``, its params
+    pointing at ``per_class`` shared flower photos of each class (copied to ``folder``/photos) and updated by
+    ``sections`` (params section -> values); committed, nothing run yet."""
+    import yaml
+
+    photos, root, logs = folder / "photos", folder / "project", folder / "logs"
+    for name in classes:
+        (photos / name).mkdir(parents=True)
+        for path in sorted((FLOWERS / name).glob("*.jpg"))[:per_class]:
+            shutil.copy2(path, photos / name / path.name)
+    root.mkdir()
+    logs.mkdir()
+    copy_repo(root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"].update(source=str(photos), sha256="")
+    for section, values in sections.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = project_env(folder / "keras")
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "small"]):
+        run(cmd, root, env, logs / "git.log")
+    return root, photos, env, logs
+
+
 @pytest.fixture(scope="session")
 def project(tmp_path_factory) -> Project:
     """The real five-stage `dvc repro` on ../shared/data/flowers with the default params."""

@@ -137,25 +137,32 @@ def test_each_epoch_shows_every_photo_once_in_a_seeded_view():
     labels = np.arange(10) % 3
     plain = activations.batches(acts, labels, 3, 4, seed=7, mixup=0.0)
     assert len(plain) == 3
-    seen = np.concatenate([plain[i][0] for i in range(len(plain))])
+    first = list(plain.epoch(0))
+    assert len(first) == 3
+    seen = np.concatenate([x for x, _ in first])
     photos = (seen[:, 0] // 6).astype(int)
     assert sorted(photos) == list(range(10))  # every photo once
     views = ((seen[:, 0] % 6) // 3).astype(int)
     assert 0 < views.sum() < 10  # some photos mirrored, some not
-    labels_seen = np.concatenate([plain[i][1] for i in range(len(plain))])
+    labels_seen = np.concatenate([y for _, y in first])
     np.testing.assert_array_equal(labels_seen.argmax(1), labels[photos])
     again = activations.batches(acts, labels, 3, 4, seed=7, mixup=0.0)
-    np.testing.assert_array_equal(again[0][0], plain[0][0])  # same seed, same epoch: same batches
-    plain.on_epoch_end()
-    assert not np.array_equal(plain[0][0], again[0][0])  # the next epoch is another draw
-    resumed = activations.batches(acts, labels, 3, 4, seed=7, mixup=0.0, first_epoch=1)
-    np.testing.assert_array_equal(resumed[0][0], plain[0][0])  # a resumed run sees the same epoch 2
+    np.testing.assert_array_equal(next(again.epoch(0))[0], first[0][0])  # same seed, same epoch: same batches
+    second = list(plain.epoch(1))
+    assert not np.array_equal(second[0][0], first[0][0])  # the next epoch is another draw
+    # fit reads one stream: epoch after epoch; a run resumed after epoch 1 reads the same epoch 2 on
+    stream = plain.from_epoch(0)
+    through = [next(stream) for _ in range(6)]
+    resumed = again.from_epoch(1)
+    for (x, y), (x_resumed, y_resumed) in zip(through[3:], [next(resumed) for _ in range(3)]):
+        np.testing.assert_array_equal(x, x_resumed)
+        np.testing.assert_array_equal(y, y_resumed)
 
 
 def test_mixup_mixes_activations_and_labels_with_the_larger_share_to_the_photo():
     acts = np.eye(6, dtype=np.float16).reshape(6, 1, 6)  # photo i = unit vector i
     labels = np.array([0, 1, 2, 0, 1, 2])
-    x, y = activations.batches(acts, labels, 3, 6, seed=3, mixup=0.4)[0]
+    x, y = next(activations.batches(acts, labels, 3, 6, seed=3, mixup=0.4).epoch(0))
     np.testing.assert_allclose(y.sum(1), 1.0, atol=1e-6)
     np.testing.assert_allclose(x.sum(1), 1.0, atol=1e-3)  # a convex mix of two photos
     top = x.max(1)

@@ -213,7 +213,7 @@ def test_a_worker_killed_mid_run_leaves_no_partial_output(env, photos, dask_proj
         killed = None
         deadline = time.time() + 300
         while killed is None and stage.poll() is None and time.time() < deadline:
-            for receipt in root.glob(f"artifacts/.bottlenecks.tmp-*/*{bottleneck.RECEIPT_SUFFIX}"):
+            for receipt in root.glob(f"artifacts/.bottlenecks.tmp-*/**/*{bottleneck.RECEIPT_SUFFIX}"):
                 try:
                     pid = int(json.loads(receipt.read_text())["worker"].rsplit(":", 1)[1])
                 except (OSError, ValueError):

@@ -92,7 +92,7 @@ def test_a_stage_prints_no_native_log_lines_unless_asked(tmp_path):
 
 def test_ingest_runs_without_tensorflow(tmp_path):
     """Ingest writes the TFRecords with the protobuf library and Beam's framing: no TensorFlow import."""
-    make_class_tree(tmp_path / "photos", {"cats": 6, "dogs": 6})
+    make_class_tree(tmp_path / "photos", {"cats": 8, "dogs": 8})
     write_params(tmp_path, {"data": {"source": str(tmp_path / "photos"), "sha256": "",
                                      "val_percent": 30, "test_percent": 30}})
     result = cli_probe(["ingest"], tmp_path, {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FLOWERS, SHARED, copy_repo, project_env, require_shared, run
+from conftest import FLOWERS, SHARED, copy_repo, require_shared, run, small_dvc_project
 
 pytestmark = pytest.mark.slow
 
@@ -29,22 +29,9 @@ PER_CLASS = 8
 def small(tmp_path_factory):
     """(project root, photo folder, env, log folder) after `dvc repro bottleneck` on 24 photos."""
     require_shared()
-    base = tmp_path_factory.mktemp("dvc-source")
-    photos, root, logs = base / "photos", base / "project", base / "logs"
-    for name in CLASSES:
-        (photos / name).mkdir(parents=True)
-        for path in sorted((FLOWERS / name).glob("*.jpg"))[:PER_CLASS]:
-            shutil.copy2(path, photos / name / path.name)
-    root.mkdir()
-    logs.mkdir()
-    copy_repo(root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"].update(source=str(photos), sha256="", val_percent=25, test_percent=25)
-    params["base"].update(alpha=0.35, image_size=96, weights=str(WEIGHTS_035))
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = project_env(base / "keras")
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "small"]):
-        run(cmd, root, env, logs / "git.log")
+    root, photos, env, logs = small_dvc_project(
+        tmp_path_factory.mktemp("dvc-source"), CLASSES, PER_CLASS, data={"val_percent": 25, "test_percent": 25},
+        base={"alpha": 0.35, "image_size": 96, "weights": str(WEIGHTS_035)})
     run(["dvc", "repro", "bottleneck"], root, env, logs / "repro-1.log")
     return root, photos, env, logs
 

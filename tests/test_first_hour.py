@@ -130,7 +130,7 @@ def test_a_killed_bottleneck_leaves_nothing_the_next_run_does_not_remove(ingeste
     shutil.copytree(ingested, root)
     proc = subprocess.Popen(["graftline", "bottleneck"], cwd=root, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
-    staging = lambda: list((root / "artifacts").glob(".bottlenecks.tmp-*"))  # noqa: E731
+    staging = lambda: list((root / "artifacts").glob(".bottlenecks.tmp-*/*"))  # noqa: E731
     assert kill_when(proc, lambda: bool(staging()), sig), "the stage ended before it was killed"
     _, stderr = proc.communicate(timeout=120)
     if sig == signal.SIGKILL:
@@ -155,7 +155,7 @@ def test_a_fine_tune_killed_during_its_export_leaves_nothing_the_next_run_does_n
         run_stage(stage, "params.yaml")
     proc = subprocess.Popen(["graftline", "fine-tune"], cwd=root, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    exporting = lambda: list((root / "artifacts").glob(".model.tmp-*/model.keras"))  # noqa: E731
+    exporting = lambda: list((root / "artifacts").glob(".model.tmp-*/**/model.keras"))  # noqa: E731
     assert kill_when(proc, lambda: bool(exporting()), signal.SIGKILL), "fine-tune ended before its export"
     proc.wait()
     assert hidden_leftovers(root), "the killed export left its folder"
@@ -170,7 +170,7 @@ def test_sigterm_during_ingest_is_one_line_and_leaves_nothing(tmp_path):
     make_class_tree(root / "photos", {"cats": 400}, size=(160, 160), start=100)  # enough to be caught mid-way
     proc = subprocess.Popen(["graftline", "ingest"], cwd=root, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    assert kill_when(proc, lambda: bool(list((root / "artifacts").glob(".examples.tmp-*"))), signal.SIGTERM)
+    assert kill_when(proc, lambda: bool(list((root / "artifacts").glob(".examples.tmp-*/*"))), signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert stderr.strip().splitlines()[-1].startswith("graftline ingest: interrupted by SIGTERM"), stderr

@@ -1,4 +1,5 @@
-"""fine-tune checkpoints every epoch: a run killed mid-way resumes from its last complete epoch."""
+"""fine-tune checkpoints every epoch: a run killed mid-way resumes from its last complete epoch, to the same
+curve, best epoch and metrics as a run that was never killed."""
 from __future__ import annotations
 
 import csv
@@ -30,7 +31,8 @@ def graftline(stage: str, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def test_killed_fine_tune_resumes_from_its_last_complete_epoch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("patience", [0, 2])
+def test_killed_fine_tune_resumes_from_its_last_complete_epoch(tmp_path, monkeypatch, patience):
     make_class_tree(tmp_path / "photos", {"cats": 40, "dogs": 40, "owls": 40}, size=(96, 96))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
         "fine_tune_at": 0,
@@ -38,8 +40,8 @@ def test_killed_fine_tune_resumes_from_its_last_complete_epoch(tmp_path, monkeyp
         "base": {"alpha": 0.35, "image_size": 96, "weights": "none"},
         "train_head": {"epochs": 3},
         # cosine: the resumed run must go on down the same curve, not restart it
-        "fine_tune": {"epochs": 4, "learning_rate": 0.0001, "schedule": "cosine", "batch_size": 8,
-                      "early_stopping_patience": 0},
+        "fine_tune": {"epochs": 4, "learning_rate": 0.0001 if patience == 0 else 0.003, "schedule": "cosine",
+                      "batch_size": 8, "early_stopping_patience": patience},
         "export": {"tflite": []},  # what is resumed is training; TFLite is checked in test_pipeline_e2e
     }))
     from pipeline.cli import run_stage
@@ -67,15 +69,28 @@ def test_killed_fine_tune_resumes_from_its_last_complete_epoch(tmp_path, monkeyp
     head_epochs = json.loads((tmp_path / "metrics/train_head.json").read_text())["epochs_run"]
     with open(tmp_path / "plots/fine_tune.csv", newline="") as handle:
         epochs = [int(row["epoch"]) for row in csv.DictReader(handle)]
-    assert epochs == list(range(head_epochs + 1, head_epochs + 5))  # all four, numbered after the head's
+    run_epochs = json.loads((tmp_path / "metrics/fine_tune.json").read_text())["epochs_run"]
+    assert epochs == list(range(head_epochs + 1, head_epochs + 1 + run_epochs))  # numbered after the head's
+    assert run_epochs == 4 or patience  # early stopping may end it sooner
     report = json.loads((tmp_path / "reports/fine_tune.json").read_text())
     assert report["resumed_after_epoch"] == done
-    cosine = [0.0001 * 0.5 * (1 + math.cos(math.pi * (e + 0.5) / 4)) for e in range(4)]
+    rate = 0.0001 if patience == 0 else 0.003
+    cosine = [rate * 0.5 * (1 + math.cos(math.pi * (e + 0.5) / 4)) for e in range(run_epochs)]
     assert report["learning_rate"] == {"schedule": "cosine", "per_epoch": pytest.approx(cosine, rel=1e-6)}
     # the rates the optimizer trained at, as DVCLive logged them, before the kill and after it
     with open(tmp_path / "dvclive/fine_tune/plots/metrics/train/learning_rate.tsv", newline="") as handle:
         logged = {int(row["step"]): float(row["learning_rate"]) for row in csv.DictReader(handle, delimiter="\t")}
-    # (the killed run may have died between its checkpoint and its log line: then its last epoch is not logged)
-    assert set(range(done, 4)) <= set(logged) <= set(range(4))
-    assert [logged[e] for e in sorted(logged)] == pytest.approx([cosine[e] for e in sorted(logged)], rel=1e-5)
+    assert sorted(logged) == list(range(run_epochs))  # every epoch, those before the kill included
+    assert [logged[e] for e in sorted(logged)] == pytest.approx(cosine, rel=1e-5)
     assert (tmp_path / "artifacts/model/model.keras").is_file() and not checkpoints.exists()
+
+    # The same run, never killed: the same curve, the same epoch kept, the same metrics, digit for digit.
+    resumed_figures = figures(tmp_path)
+    graftline("fine-tune", tmp_path)
+    assert json.loads((tmp_path / "reports/fine_tune.json").read_text())["resumed_after_epoch"] == 0
+    assert figures(tmp_path) == resumed_figures
+
+
+def figures(root: Path) -> dict:
+    return {name: (root / name).read_text() for name in ("metrics/fine_tune.json", "plots/fine_tune.csv",
+                                                         "dvclive/fine_tune/metrics.json")}

@@ -22,7 +22,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from components import devices, gate, inference, plots, records, report
 from components.atomic import read_json, write_csv, write_json
-from components.errors import GraftlineError
+from components.errors import FailedWithOutputs, GraftlineError
 from components.export import LABELS_FILE, MODEL_FILE
 from components.datasets import image_dataset
 
@@ -105,5 +105,5 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     # Checked after writing, so a failed gate still leaves the figures to look at (DVC records no run).
     failures = gate.threshold_failures(metrics, params.evaluate.thresholds)
     if failures:
-        raise GraftlineError("; ".join(failures))
+        raise FailedWithOutputs("; ".join(failures))
     return {**metrics, **summary}

@@ -24,14 +24,14 @@ cache, layer counts; devices, strategy and dtype policy from components.devices)
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import csv
 import difflib
 import hashlib
 import json
 import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from components import activations, base_models, devices, export, images, multi_worker, plots
 from components import callbacks as callbacks_mod
@@ -47,6 +47,8 @@ from components.head import (CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, 
 # conversion. Each costs about 23 ms of Keras and 13 ms of TFLite (MobileNetV2 at 160 px, with the flip).
 TFLITE_CHECK_MAX = 64
 CHECKPOINT_STATE = "state.json"
+BEST_WEIGHTS = "best.weights.npz"
+SEED_STATES = "seed_states.npz"
 
 
 def fine_tune_index(params, base) -> int:
@@ -96,23 +98,82 @@ def unfrozen_layers(params, base) -> int:
     return 0 if at == -1 else max(0, len(base.layers) - at)
 
 
-def checkpoint_callback(folder: Path, fingerprint: str, done_rows: list, first_epoch: int):
-    """A Keras callback: after each epoch, save model + optimizer + curve so far, atomically."""
+@dataclass
+class Progress:
+    """Where training stands after its last complete epoch: every epoch's curve row and Keras logs, early
+    stopping's state, and whether it stopped; ``folder``: the checkpoint it was read from (None: a fresh start)."""
+    rows: list = field(default_factory=list)
+    logs: list = field(default_factory=list)
+    early_stopping: dict | None = None  # {"wait", "best", "best_epoch"}, restored into the callback on resume
+    stopped: bool = False
+    folder: Path | None = None
+
+    def finished(self, epochs: int) -> bool:
+        return self.stopped or len(self.rows) >= epochs
+
+    def best_weights(self):
+        """The best val-loss epoch's weights as early stopping kept them (None without early stopping)."""
+        import numpy as np
+
+        if not (self.folder and (self.folder / BEST_WEIGHTS).is_file()):
+            return None
+        with np.load(self.folder / BEST_WEIGHTS) as saved:
+            return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+
+def checkpoint_callback(folder: Path, fingerprint: str, progress: Progress, first_epoch: int, stopper):
+    """A Keras callback, after early stopping's (``stopper``, or None): after each epoch, save the model with
+    its optimizer, the best epoch's weights and ``progress`` in one folder, atomically, then drop the older one."""
     import keras
+    import numpy as np
 
     class EpochCheckpoint(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            done_rows.append(curve_row(first_epoch + epoch, logs))
+            progress.rows.append(curve_row(first_epoch + epoch, logs))
+            progress.logs.append({name: float(value) for name, value in logs.items()})
+            if stopper:
+                progress.early_stopping = {"wait": stopper.wait, "best": float(stopper.best),
+                                           "best_epoch": stopper.best_epoch}
+                progress.stopped = bool(self.model.stop_training)
             name = f"epoch-{epoch + 1:04d}"
             with atomic_dir(folder / name) as tmp:
                 self.model.save(tmp / export.MODEL_FILE)
+                np.savez(tmp / SEED_STATES, **seed_states(self.model))
+                if stopper:
+                    np.savez(tmp / BEST_WEIGHTS, *stopper.best_weights)
                 write_json(tmp / CHECKPOINT_STATE, {"fingerprint": fingerprint, "epochs_done": epoch + 1,
-                                                    "rows": done_rows})
+                                                    "rows": progress.rows, "logs": progress.logs,
+                                                    "early_stopping": progress.early_stopping,
+                                                    "stopped": progress.stopped})
             for old in folder.glob("epoch-*"):
                 if old.name != name:
                     shutil.rmtree(old, ignore_errors=True)
 
     return EpochCheckpoint()
+
+
+def _seed_variables(model) -> dict:
+    """"<layer>/<i>" -> the random-number state variables of each layer without sublayers (Dropout's)."""
+    return {f"{layer.name}/{i}": v for layer in base_models.all_layers(model) if not hasattr(layer, "layers")
+            for i, v in enumerate(v for v in layer.non_trainable_variables if v.name == "seed_generator_state")}
+
+
+def seed_states(model) -> dict:
+    """The layers' random-number states, which a .keras file does not keep: saved beside it, so that a resumed
+    run draws the same dropout masks as one that ran through."""
+    return {key: v.numpy() for key, v in _seed_variables(model).items()}
+
+
+def load_checkpoint_model(folder: Path):
+    """The model of a checkpoint, with its optimizer state and its layers' random-number states."""
+    import keras
+    import numpy as np
+
+    model = keras.saving.load_model(folder / export.MODEL_FILE)
+    with np.load(folder / SEED_STATES) as saved:
+        for key, variable in _seed_variables(model).items():
+            variable.assign(saved[key])
+    return model
 
 
 def run_fingerprint(params, head_dir: Path, examples: Path) -> str:
@@ -124,16 +185,17 @@ def run_fingerprint(params, head_dir: Path, examples: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def last_checkpoint(folder: Path, fingerprint: str) -> Path | None:
-    """The newest complete epoch folder written for this fingerprint, if any."""
+def last_checkpoint(folder: Path, fingerprint: str) -> Progress:
+    """The newest complete epoch folder written for this fingerprint, as Progress (an empty one if none)."""
     for candidate in sorted(Path(folder).glob("epoch-*"), reverse=True):
         try:
             state = read_json(candidate / CHECKPOINT_STATE)
         except (OSError, ValueError):
             continue
-        if state.get("fingerprint") == fingerprint and (candidate / export.MODEL_FILE).is_file():
-            return candidate
-    return None
+        if state.get("fingerprint") == fingerprint and (candidate / export.MODEL_FILE).is_file() \
+                and (candidate / SEED_STATES).is_file():
+            return Progress(state["rows"], state["logs"], state["early_stopping"], state["stopped"], candidate)
+    return Progress()
 
 
 def check_images(examples: Path, image_size: int, limit: int):
@@ -176,106 +238,54 @@ def run(params, inputs: dict, outputs: dict) -> dict:
 
 def train_and_save(params, inputs: dict, outputs: dict, strategy) -> dict:
     """run's work in the given strategy; checkpoints are read from inputs and written to outputs["checkpoints"]."""
-    import keras
-
     started = time.time()
     f = params.fine_tune
     labels = read_json(Path(inputs["labels"]))
-    head_dir = Path(inputs["head"])
+    head_dir, examples = Path(inputs["head"]), Path(inputs["examples"])
     head_info = read_json(head_dir / HEAD_INFO)
     if head_info["labels"] != labels:
         raise GraftlineError(f"{head_dir} was trained on classes {head_info['labels']}, not {labels}; re-run train-head")
     placement = devices.placement(strategy, f.batch_size)
-    examples = Path(inputs["examples"])
-    size = params.base.image_size
-    from_activations = uses_activations(params)
-
-    # 1. Where a killed run left off: the newest checkpoint of these params, head and photos.
-    checkpoints = Path(outputs["checkpoints"])
-    fingerprint = run_fingerprint(params, head_dir, examples)
-    # A non-chief worker reads the chief's checkpoints (shared storage) and writes its own to a temporary folder.
-    resume = last_checkpoint(Path(inputs["checkpoints"]), fingerprint) if f.epochs > 0 else None
-    done_rows = read_json(resume / CHECKPOINT_STATE)["rows"] if resume else []
-    if not multi_worker.same_on_every_worker(strategy, len(done_rows)):
-        # Workers must build the same variables and run the same epochs, or the collectives hang.
-        print(f"fine-tune: starting over on every worker: they found different checkpoints (this one: "
-              f"{resume or 'none'}); to resume, keep the checkpoints folder on storage every worker reads")
-        resume, done_rows = None, []
-    resumed_after = len(done_rows)
-    if resume:
-        print(f"fine-tune: resuming after epoch {resumed_after} of {f.epochs} from {resume}")
-
-    # 2. The classifier: base (layers >= fine_tune_at trainable, BatchNorm frozen) + the trained head.
-    # Every variable is made in the strategy's scope, so it is mirrored on each GPU.
-    with strategy.scope():
-        if resume and not from_activations:  # weights and optimizer state as the last complete epoch left them
-            model = keras.saving.load_model(resume / export.MODEL_FILE)
-            base = base_models.base_of(model.get_layer("feature_extractor"))
-        else:
-            model, base = build_classifier(params, keras.saving.load_model(head_dir / HEAD_FILE))
     batch_size = {split: split_batch_size(examples, split, placement) for split in ("train", "val")}
+    fingerprint = run_fingerprint(params, head_dir, examples)
+    progress = resume_point(params, Path(inputs["checkpoints"]), fingerprint, strategy)
+    resumed_after = len(progress.rows)
     first_epoch = head_info["epochs_run"] + 1
-    trained_now = 0 < f.epochs and len(done_rows) < f.epochs
-    callbacks = []
-    if trained_now:
-        callbacks.append(checkpoint_callback(checkpoints, fingerprint, done_rows, first_epoch))
-        # Before the loggers: the schedule puts each epoch's rate into the logs they write (DVCLive's curves).
-        callbacks += rate_schedule(f.schedule, f.learning_rate, f.epochs)
-        callbacks += callbacks_mod.epoch_loggers(outputs, resumed_after=resumed_after)
-        callbacks += early_stopping(f.early_stopping_patience)
+    stopper = None
+    callbacks = callbacks_mod.tensorboard(outputs, resumed=bool(resumed_after))
+    if not progress.finished(f.epochs):
+        # Before the loggers: the schedule puts each epoch's rate into the logs they write.
+        callbacks = rate_schedule(f.schedule, f.learning_rate, f.epochs) + callbacks
+        stoppers = early_stopping(f.early_stopping_patience, progress.early_stopping, progress.best_weights())
+        stopper = stoppers[0] if stoppers else None
+        callbacks += stoppers + [checkpoint_callback(Path(outputs["checkpoints"]), fingerprint, progress,
+                                                     first_epoch, stopper)]
 
-    # 3. Train: from cached activations of the frozen part, or on the images every epoch.
-    cached = {}
-    if f.epochs > 0 and from_activations:
-        cached = fit_on_activations(params, model, examples, labels, resume, done_rows, batch_size, callbacks,
-                                    strategy, trained_now)
-    elif f.epochs > 0 and trained_now:
-        train = image_dataset(examples, "train", size, batch_size["train"], shuffle_seed=params.seed,
-                              augment=augmenter(params))
-        val = image_dataset(examples, "val", size, batch_size["val"])
-        if not resume:
-            with strategy.scope():
-                model.compile(optimizer=make_optimizer(f.optimizer, f.learning_rate),
-                              loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        model.fit(train, validation_data=val, epochs=f.epochs, initial_epoch=len(done_rows),
-                  shuffle=False, callbacks=callbacks, verbose=keras_verbosity())  # shuffled above, by seed
-    if f.epochs > 0:
-        rows = done_rows
-        # Early stopping restores the best val-loss epoch of this session (a resumed run starts its own).
-        session = rows[resumed_after:] if trained_now else rows[-1:]
-        chosen = best_row(session, f.early_stopping_patience)  # session ends with rows[-1]
-        final = dict(zip(CURVE_COLUMNS[1:], chosen[1:]))
-        best_epoch = chosen[0]
-        if "kept_base_and_head" in cached:  # no epoch improved on val loss: what train-head made, unchanged
-            final, best_epoch = cached["kept_base_and_head"], None
+    # Train: from cached activations of the frozen part, or on the images every epoch.
+    if f.epochs > 0 and uses_activations(params):
+        model, base, trained = fit_on_activations(params, head_dir, examples, labels, progress, batch_size, callbacks,
+                                                  strategy)
+    elif f.epochs > 0:
+        model, base, trained = fit_on_images(params, head_dir, examples, progress, batch_size, callbacks, strategy)
     else:  # nothing trained: report what base + head score as they are
-        rows, best_epoch = [], None
-        model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        loss, accuracy = model.evaluate(image_dataset(examples, "train", size, batch_size["train"]), verbose=0)
-        val_loss, val_accuracy = model.evaluate(image_dataset(examples, "val", size, batch_size["val"]), verbose=0)
-        final = {"accuracy": accuracy, "loss": loss, "val_accuracy": val_accuracy, "val_loss": val_loss}
-
-    # 4. Export (with the test-time flip when augment.tta is on), curves, metrics, report.
+        model, base = build_classifier(params, load_head(head_dir))
+        trained = {"final": evaluate_as_is(model, examples, params.base.image_size, batch_size)}
     trained_at = time.time()
+
+    # Export (with the test-time flip when augment.tta is on), curves, DVCLive's files, metrics, report.
     served = images.with_flip_averaged(model) if params.augment.tta == "flip" else model
     with atomic_dir(Path(outputs["model"])) as tmp:
-        photos = check_images(examples, size, TFLITE_CHECK_MAX) if params.export.tflite else None
-        exported = export.export(served, labels, size, tmp, photos, params.export.tflite)
-    phases = {"train_s": round(trained_at - started, 2), "export_s": round(time.time() - trained_at, 2)}
+        photos = check_images(examples, params.base.image_size, TFLITE_CHECK_MAX) if params.export.tflite else None
+        exported = export.export(served, labels, params.base.image_size, tmp, photos, params.export.tflite)
+    rows = progress.rows
     write_csv(Path(outputs["plots"]), CURVE_COLUMNS, rows)
     plots.learning_curves(joined_curve(head_dir, rows), first_epoch if rows else None, Path(outputs["curves"]))
-    metrics = {k: round(float(v), 6) for k, v in final.items()}
-    n_open = unfrozen_layers(params, base)
-    opened = base.layers[len(base.layers) - n_open:] if n_open else []
-    metrics.update({"epochs": f.epochs, "epochs_run": len(rows), "best_epoch": best_epoch,
-                    "fine_tune_at": params.fine_tune_at,
-                    "trainable_base_layers": len(opened),
-                    "frozen_batchnorm_layers": sum(isinstance(l, keras.layers.BatchNormalization) for l in opened)})
-    metrics.update({f"tflite_{kind}_top1_agreement": e["top1_agreement"]
-                    for kind, e in exported.items() if "top1_agreement" in e})
+    callbacks_mod.write_live(outputs, progress.logs)
+    metrics = fine_tune_metrics(params, model, base, trained, exported, len(rows))
     write_json(Path(outputs["metrics"]), metrics)
-    report = {"wall_time_s": round(time.time() - started, 2), **phases, **placement, "batch_sizes": batch_size,
-              "trained_from": "activations" if from_activations else "images", **cached,
+    report = {"wall_time_s": round(time.time() - started, 2), "train_s": round(trained_at - started, 2),
+              "export_s": round(time.time() - trained_at, 2), **placement, "batch_sizes": batch_size,
+              "trained_from": "activations" if uses_activations(params) else "images", **trained.get("report", {}),
               "base_layers": len(base.layers), "trainable_weights": len(model.trainable_weights),
               "resumed_after_epoch": resumed_after, "test_time_augmentation": params.augment.tta,
               "learning_rate": {"schedule": f.schedule, "per_epoch": [  # what rate_schedule set each epoch
@@ -283,26 +293,142 @@ def train_and_save(params, inputs: dict, outputs: dict, strategy) -> dict:
                   for e in range(len(rows))]},
               "tflite": exported}
     write_json(Path(outputs["report"]), report)
-    shutil.rmtree(checkpoints, ignore_errors=True)  # done: nothing left to resume
+    shutil.rmtree(outputs["checkpoints"], ignore_errors=True)  # done: nothing left to resume
     return {**metrics, **report}
 
 
-def fit_on_activations(params, classifier, examples: Path, labels: list, resume, done_rows: list,
-                       batch_size: dict, callbacks: list, strategy, trained_now: bool) -> dict:
-    """Fine-tune ``classifier`` from cached activations of its frozen part; returns what the report says of it.
+def resume_point(params, checkpoints: Path, fingerprint: str, strategy) -> Progress:
+    """Where a killed run left off: the newest checkpoint of these params, head and photos (empty Progress: none).
+
+    A non-chief worker reads the chief's checkpoints (shared storage) and writes its own to a temporary folder.
+    """
+    epochs = params.fine_tune.epochs
+    progress = last_checkpoint(checkpoints, fingerprint) if epochs > 0 else Progress()
+    if not multi_worker.same_on_every_worker(strategy, len(progress.rows)):
+        # Workers must build the same variables and run the same epochs, or the collectives hang.
+        print(f"fine-tune: starting over on every worker: they found different checkpoints (this one: "
+              f"{progress.folder or 'none'}); to resume, keep the checkpoints folder on storage every worker reads")
+        return Progress()
+    if progress.folder:
+        print(f"fine-tune: resuming after epoch {len(progress.rows)} of {epochs} from {progress.folder}")
+    return progress
+
+
+def load_head(head_dir: Path):
+    import keras
+
+    return keras.saving.load_model(head_dir / HEAD_FILE)
+
+
+def chosen_epoch(params, progress: Progress) -> dict:
+    """The figures and number of the epoch whose weights are kept: the best val loss of all epochs run, this
+    run's and a killed run's alike (early stopping restores it), or the last without early stopping."""
+    chosen = best_row(progress.rows, params.fine_tune.early_stopping_patience)
+    return {"final": dict(zip(CURVE_COLUMNS[1:], chosen[1:])), "best_epoch": chosen[0]}
+
+
+def evaluate_as_is(model, examples: Path, size: int, batch_size: dict) -> dict:
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    figures = {}
+    for split, prefix in (("train", ""), ("val", "val_")):
+        loss, accuracy = model.evaluate(image_dataset(examples, split, size, batch_size[split]), verbose=0)
+        figures.update({f"{prefix}accuracy": accuracy, f"{prefix}loss": loss})
+    return figures
+
+
+def fine_tune_metrics(params, model, base, trained: dict, exported: dict, epochs_run: int) -> dict:
+    import keras
+
+    n_open = unfrozen_layers(params, base)
+    opened = base.layers[len(base.layers) - n_open:] if n_open else []
+    metrics = {k: round(float(v), 6) for k, v in trained["final"].items()}
+    metrics.update({"epochs": params.fine_tune.epochs, "epochs_run": epochs_run,
+                    "best_epoch": trained.get("best_epoch"), "fine_tune_at": params.fine_tune_at,
+                    "trainable_base_layers": len(opened),
+                    "frozen_batchnorm_layers": sum(isinstance(l, keras.layers.BatchNormalization) for l in opened)})
+    metrics.update({f"tflite_{kind}_top1_agreement": e["top1_agreement"]
+                    for kind, e in exported.items() if "top1_agreement" in e})
+    return metrics
+
+
+def fit_on_images(params, head_dir: Path, examples: Path, progress: Progress, batch_size: dict, callbacks: list,
+                  strategy):
+    """Fine-tune on the decoded images every epoch (image-space augmentation or input noise is on);
+    returns (classifier, base, {final, best_epoch})."""
+    import keras
+
+    f, size = params.fine_tune, params.base.image_size
+    # Every variable is made in the strategy's scope, so it is mirrored on each GPU.
+    with strategy.scope():
+        if progress.folder:  # weights and optimizer state as the last complete epoch left them
+            model = load_checkpoint_model(progress.folder)
+            base = base_models.base_of(model.get_layer("feature_extractor"))
+        else:
+            model, base = build_classifier(params, load_head(head_dir))
+            model.compile(optimizer=make_optimizer(f.optimizer, f.learning_rate),
+                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    if not progress.finished(f.epochs):
+        train = image_dataset(examples, "train", size, batch_size["train"], shuffle_seed=params.seed,
+                              augment=augmenter(params))
+        val = image_dataset(examples, "val", size, batch_size["val"])
+        model.fit(train, validation_data=val, epochs=f.epochs, initial_epoch=len(progress.rows),
+                  shuffle=False, callbacks=callbacks, verbose=keras_verbosity())  # shuffled above, by seed
+    elif progress.best_weights() is not None:  # finished before a kill: early stopping's choice, as it restored it
+        model.set_weights(progress.best_weights())
+    return model, base, chosen_epoch(params, progress)
+
+
+def fit_on_activations(params, head_dir: Path, examples: Path, labels: list, progress: Progress, batch_size: dict,
+                       callbacks: list, strategy):
+    """Fine-tune from cached activations of the frozen part; returns (classifier, base, {final, best_epoch, report}).
 
     The frozen part runs once per photo and view (cached across runs), then every epoch
     trains only the layers from the cut up, and the head, on those activations.
     """
     import keras
 
-    f, size = params.fine_tune, params.base.image_size
-    if not trained_now:  # every epoch was done before a kill: the last checkpoint holds the weights
-        activations.copy_weights(keras.saving.load_model(resume / export.MODEL_FILE), classifier)
-        return {}
+    f = params.fine_tune
+    with strategy.scope():
+        classifier, base = build_classifier(params, load_head(head_dir))
     extractor = classifier.get_layer("feature_extractor")
-    front, top, cut = activations.split(extractor, fine_tune_index(params, base_models.base_of(extractor)))
-    cut_layer = base_models.base_of(extractor).layers[cut - 1].name  # whose output is cached
+    front, top, cut = activations.split(extractor, fine_tune_index(params, base))
+    (acts, labels_train), (val_acts, labels_val), report = activations_of(params, front, base.layers[cut - 1].name,
+                                                                          cut, examples)
+    with strategy.scope():
+        inputs = keras.Input(acts.shape[2:], name="activation")
+        start_model = keras.Model(inputs, classifier.get_layer("head")(top(inputs, training=False)), name="top")
+        start_model.compile(optimizer=make_optimizer(f.optimizer, f.learning_rate), loss="categorical_crossentropy",
+                            metrics=["accuracy"])
+        # The layers are the classifier's: training start_model trains what is exported.
+        trained = load_checkpoint_model(progress.folder) if progress.folder else start_model
+    val = (val_acts[:, 0].astype("float32"), keras.utils.to_categorical(labels_val, len(labels)))
+    start = dict(zip(("val_loss", "val_accuracy"), start_model.evaluate(*val, batch_size=batch_size["val"], verbose=0)))
+    start_weights = start_model.get_weights()
+    if not progress.finished(f.epochs):
+        train = activations.batches(acts, labels_train, len(labels), batch_size["train"], params.seed,
+                                    params.augment.mixup)
+        trained.fit(train.from_epoch(len(progress.rows)), steps_per_epoch=len(train), validation_data=val,
+                    validation_batch_size=batch_size["val"], epochs=f.epochs, initial_epoch=len(progress.rows),
+                    callbacks=callbacks, verbose=keras_verbosity())
+    elif progress.best_weights() is not None:  # finished before a kill: early stopping's choice, as it restored it
+        trained.set_weights(progress.best_weights())
+    # Early stopping keeps the best epoch; on a small folder that can still be worse than base + head as they
+    # came from train-head (mixup's first epochs disturb the head): then they are kept as they were.
+    val_losses = [row[CURVE_COLUMNS.index("val_loss")] for row in progress.rows]
+    if f.early_stopping_patience and min(val_losses) >= start["val_loss"]:
+        start_model.set_weights(start_weights)
+        identity = (acts[:, 0].astype("float32"), keras.utils.to_categorical(labels_train, len(labels)))
+        start.update(zip(("loss", "accuracy"), start_model.evaluate(*identity, batch_size=batch_size["train"],
+                                                                    verbose=0)))
+        report["kept_base_and_head"] = start  # no epoch beat them on val loss
+        return classifier, base, {"final": start, "best_epoch": None, "report": report}
+    activations.copy_weights(trained, classifier)  # a no-op unless resumed: the layers are shared otherwise
+    return classifier, base, {**chosen_epoch(params, progress), "report": report}
+
+
+def activations_of(params, front, cut_layer: str, cut: int, examples: Path):
+    """(train activations and labels, val activations and labels, what the report says of them)."""
+    f, size = params.fine_tune, params.base.image_size
     views = activations.views_for(params.augment)
     caches = activation_caches(params, front, cut_layer, views)
     computing = time.time()
@@ -317,34 +443,7 @@ def fit_on_activations(params, classifier, examples: Path, labels: list, resume,
                                                      - computed_train - computed_val),
                               "cache": caches[views[0]].folder if caches.get(views[0]) else None},
               "activations_s": round(time.time() - computing, 2), "mixup": params.augment.mixup}
-    with strategy.scope():
-        if resume:
-            trained = keras.saving.load_model(resume / export.MODEL_FILE)
-        else:
-            inputs = keras.Input(acts.shape[2:], name="activation")
-            trained = keras.Model(inputs, classifier.get_layer("head")(top(inputs, training=False)), name="top")
-            trained.compile(optimizer=make_optimizer(f.optimizer, f.learning_rate), loss="categorical_crossentropy",
-                            metrics=["accuracy"])
-    train = activations.batches(acts, labels_train, len(labels), batch_size["train"], params.seed,
-                                params.augment.mixup, first_epoch=len(done_rows))
-    val = (val_acts[:, 0].astype("float32"), keras.utils.to_categorical(labels_val, len(labels)))
-    # Early stopping keeps the best epoch; on a small folder that can still be worse than base + head as they
-    # came from train-head (mixup's first epochs disturb the head): then they are kept as they were.
-    guard = bool(f.early_stopping_patience) and not resume
-    if guard:
-        start = dict(zip(("val_loss", "val_accuracy"),
-                         trained.evaluate(*val, batch_size=batch_size["val"], verbose=0)))
-        start_weights = trained.get_weights()
-    history = trained.fit(train, validation_data=val, validation_batch_size=batch_size["val"], epochs=f.epochs,
-                          initial_epoch=len(done_rows), callbacks=callbacks, verbose=keras_verbosity()).history
-    if guard and min(history["val_loss"]) >= start["val_loss"]:
-        trained.set_weights(start_weights)
-        identity = (acts[:, 0].astype("float32"), keras.utils.to_categorical(labels_train, len(labels)))
-        start.update(zip(("loss", "accuracy"), trained.evaluate(*identity, batch_size=batch_size["train"],
-                                                               verbose=0)))
-        report["kept_base_and_head"] = start  # no epoch beat them on val loss
-    activations.copy_weights(trained, classifier)  # a no-op unless resumed: the layers are shared otherwise
-    return report
+    return (acts, labels_train), (val_acts, labels_val), report
 
 
 def activation_caches(params, front, cut_layer: str, views) -> dict:

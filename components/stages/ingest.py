@@ -2,7 +2,8 @@
 
 Outputs: ``examples`` (folder of ``{split}-*.tfrecord.gz``), ``labels``
 (labels.json: class names, index = label) and ``report`` (counts per class and
-split, skipped files with reasons, duplicates, label conflicts, wall time).
+split, skipped files with reasons, duplicates, label conflicts, links, ignored
+files and empty class folders, wall time).
 
 The split of a photo is a hash of its path relative to the source (minus
 anything after ``_nohash_`` in the file name, the retrainer's convention for
@@ -10,6 +11,7 @@ burst shots), so adding photos never moves old ones between splits.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -20,9 +22,11 @@ import tarfile
 import time
 import zipfile
 import zlib
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
@@ -150,77 +154,224 @@ def resolve_source(data, downloads: Path, extract_dir: Path) -> tuple[Path, list
     return _class_root(target), json.loads(report.read_text())
 
 
-def scan(root: Path, val_percent: float, test_percent: float, salt: str, workers: int = 1,
-         label_conflicts: str = "drop"):
-    """Walk the class folders: (class names, photos, skipped, duplicates, conflicts, ignored).
+@dataclass(frozen=True)
+class Found:
+    """A file met in a class folder: ``key`` is its path as met, ``real`` where it lies (links resolved)."""
+    key: str
+    real: Path
+    cls: str
+    is_link: bool  # the entry itself is a link
+    via_link: bool  # a link on the way: the entry or a folder above it
+
+
+@dataclass
+class Walk:
+    classes: list[str]  # sorted; empty class folders are not classes
+    files: list[Found]  # each real file once, in sorted key order
+    refused: list[dict]  # links leaving the folder, broken links, non-files: skipped, never read
+    links: list[dict]  # links inside the folder and loops, with what each led to
+    ignored: list[dict]  # files beside the class folders, empty class folders
+
+
+def walk(root: Path) -> Walk:
+    """Every visible file under ``root``'s class folders, each real file once.
+
+    Links are resolved before anything is read: one that leaves ``root`` (or leads nowhere) is refused. A
+    folder is walked once however many links lead to it, so a loop ends; a file met directly and through a
+    link is one photo, under its direct path. Empty class folders are ignored, as DVC (which does not see
+    empty folders) ignores them: a `dvc repro` that finds nothing changed and an ingest run agree.
+    """
+    top = root.resolve()
+    out = Walk([], [], [], [], [])
+    walked: dict[Path, str] = {}  # real folder -> the key it was walked as
+    met: Counter = Counter()  # visible entries per class folder: none means an empty folder
+    files: list[Found] = []
+    folder_links: list[tuple[str, Path, str, Path]] = []  # (key, target, class, folder the link lies in)
+
+    def shown(path: Path) -> str:
+        return path.relative_to(top).as_posix() or "."
+
+    def link(key: str, target: Path, note: str) -> None:
+        out.links.append({"path": key, "to": shown(target), "note": note})
+
+    def target_of(path: str, key: str) -> Path | None:
+        """A link's real target inside ``top``, or None (refused, or a loop: reported)."""
+        try:
+            target = Path(os.path.realpath(path, strict=True))
+        except OSError as exc:
+            to = os.readlink(path)
+            if exc.errno == errno.ELOOP:
+                out.links.append({"path": key, "to": to, "note": "link loop: not followed"})
+            else:
+                reason = f"broken link (to {to})" if exc.errno == errno.ENOENT else f"link to {to}: {exc.strerror}"
+                out.refused.append({"path": key, "reason": reason})
+            return None
+        if not target.is_relative_to(top):
+            out.refused.append({"path": key, "reason": f"link to {target}, outside the photo folder: not read"})
+            return None
+        return target
+
+    def walk_folder(folder: Path, key: str, cls: str, via_link: bool) -> None:
+        walked[folder] = key
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            child = f"{key}/{entry.name}"
+            if _is_hidden(PurePosixPath(entry.name)):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                if Path(entry.path) not in walked:
+                    walk_folder(Path(entry.path), child, cls, via_link)
+                continue
+            met[cls] += 1
+            real, is_link = Path(entry.path), entry.is_symlink()
+            if is_link:
+                if (real := target_of(entry.path, child)) is None:
+                    continue
+                if real.is_dir():
+                    folder_links.append((child, real, cls, folder))
+                    continue
+            if not (real.is_file() if is_link else entry.is_file(follow_symlinks=False)):
+                out.refused.append({"path": child, "reason": "not a regular file"})  # a FIFO would hang a read
+                continue
+            files.append(Found(child, real, cls, is_link, via_link or is_link))
+
+    # 1. The class folders themselves, then those that are links (a link to a class folder is not a class).
+    classes: dict[str, Path] = {}
+    class_links = []
+    for entry in sorted(os.scandir(top), key=lambda e: e.name):
+        if _is_hidden(PurePosixPath(entry.name)):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            classes[entry.name] = Path(entry.path)
+            continue
+        if entry.is_symlink():
+            if (target := target_of(entry.path, entry.name)) is None:
+                continue
+            if target.is_dir():
+                class_links.append((entry.name, target))
+                continue
+        out.ignored.append({"path": entry.name, "reason": "not inside a class folder"})
+    for name, folder in classes.items():
+        walk_folder(folder, name, name, False)
+    for name, target in class_links:
+        if target == top:
+            link(name, target, "link loop: not followed")
+        elif target in walked:
+            link(name, target, f"same folder as {walked[target]}: walked once")
+        else:
+            link(name, target, "followed")
+            classes[name] = target
+            walk_folder(target, name, name, True)
+    # 2. Links to folders, once every folder met directly is walked: each folder is walked once.
+    while folder_links:
+        key, target, cls, at = folder_links.pop(0)
+        if at.is_relative_to(target):
+            link(key, target, "link loop: not followed")
+        elif target in walked:
+            link(key, target, f"same folder as {walked[target]}: walked once")
+        else:
+            link(key, target, "followed")
+            walk_folder(target, key, cls, True)
+    # 3. Each real file once: its direct path if it has one, else the first link's.
+    by_real: dict[Path, list[Found]] = {}
+    for found in files:
+        by_real.setdefault(found.real, []).append(found)
+    for same in by_real.values():
+        first, *others = sorted(same, key=lambda f: (f.via_link, PurePosixPath(f.key)))
+        out.files.append(first)
+        if first.is_link:
+            link(first.key, first.real, "followed")
+        for other in others:
+            link(other.key, other.real, f"same file as {first.key}: read once")
+    out.files.sort(key=lambda f: PurePosixPath(f.key))  # part by part, as a sorted rglob lists them
+    out.links.sort(key=lambda link: PurePosixPath(link["path"]))
+    out.classes = sorted(name for name in classes if met[name])
+    out.ignored += [{"path": name, "reason": "empty folder: not a class (DVC does not see empty folders)"}
+                    for name in sorted(classes) if not met[name]]
+    out.ignored.sort(key=lambda i: i["path"])
+    return out
+
+
+def scan(root: Path, data):
+    """Walk and check the class folders: (walk, photos, skipped, duplicates, conflicts).
 
     The same photo bytes more than once: under one class, a duplicate (kept once, so test never
-    sees a train photo); under several classes, a label conflict, which ``label_conflicts``
+    sees a train photo); under several classes, a label conflict, which ``data.label_conflicts``
     decides: "drop" keeps no copy, "keep_first" keeps the first path's (sorted order).
     """
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(Path(p.name)))
-    ignored = [
-        {"path": p.name, "reason": "not inside a class folder"}
-        for p in sorted(root.iterdir())
-        if p.is_file() and not p.name.startswith(".")
-    ]
-    files = []
-    for label, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            rel = path.relative_to(root)
-            if path.is_file() and not _is_hidden(rel):
-                files.append((rel.as_posix(), path, label))
+    found = walk(root)
+    labels = {name: label for label, name in enumerate(found.classes)}
+    files = found.files
     skipped, copies = [], {}  # copies: sha256 -> [(key, path, label, reencode)] in sorted key order
-    checked = _check_files([str(path) for _, path, _ in files], workers)
-    for (key, path, label), (digest, reencode, reason) in zip(
+    checked = _check_files([str(f.real) for f in files], data.workers, data.max_pixels)
+    for f, (digest, reencode, reason) in zip(
         files, tqdm(checked, total=len(files), desc="ingest: checking photos", unit="photo")
     ):
         if reason:
-            skipped.append({"path": key, "reason": reason})
+            skipped.append({"path": f.key, "reason": reason})
         else:
-            copies.setdefault(digest, []).append((key, path, label, reencode))
+            copies.setdefault(digest, []).append((f.key, f.real, labels[f.cls], reencode))
     photos, duplicates, conflicts = [], [], []
-    for digest, found in copies.items():
-        first_key, path, label, reencode = found[0]
-        if len({c[2] for c in found}) > 1:
-            conflicts.append({"sha256": digest, "paths": [c[0] for c in found],
-                              "classes": [classes[c[2]] for c in found],
-                              "kept": first_key if label_conflicts == "keep_first" else None})
-            if label_conflicts != "keep_first":
+    for digest, same in copies.items():
+        first_key, path, label, reencode = same[0]
+        if len({c[2] for c in same}) > 1:
+            conflicts.append({"sha256": digest, "paths": [c[0] for c in same],
+                              "classes": [found.classes[c[2]] for c in same],
+                              "kept": first_key if data.label_conflicts == "keep_first" else None})
+            if data.label_conflicts != "keep_first":
                 continue
         else:
-            duplicates += [{"path": c[0], "same_as": first_key} for c in found[1:]]
-        photos.append(Photo(first_key, path, label, digest, split_of(first_key, val_percent, test_percent, salt),
-                            reencode))
+            duplicates += [{"path": c[0], "same_as": first_key} for c in same[1:]]
+        split = split_of(first_key, data.val_percent, data.test_percent, data.split_salt)
+        photos.append(Photo(first_key, path, label, digest, split, reencode))
     photos.sort(key=lambda p: p.key)
     duplicates.sort(key=lambda d: d["path"])
-    return classes, photos, skipped, duplicates, conflicts, ignored
+    skipped = sorted(skipped + found.refused, key=lambda s: PurePosixPath(s["path"]))
+    return found, photos, skipped, duplicates, conflicts
 
 
-def check_file(path: str) -> tuple[str, bool, str]:
+def read_photo(path: str | Path) -> bytes:
+    """A file's bytes, never through a link: the walk resolved them all, so one here appeared since."""
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+        return f.read()
+
+
+def check_file(path: str, max_pixels: int) -> tuple[str, bool, str]:
     """(sha256, reencode, reason) of one file; only these few bytes go back to the parent."""
-    data = Path(path).read_bytes()
-    reencode, reason = check_image(data)
+    try:
+        data = read_photo(path)
+    except OSError as exc:
+        return "", False, f"unreadable ({exc.strerror})"
+    reencode, reason = check_image(data, max_pixels)
     return ("" if reason else hashlib.sha256(data).hexdigest()), reencode, reason
 
 
-def _check_files(paths: list[str], workers: int) -> Iterator[tuple[str, bool, str]]:
+def _check_files(paths: list[str], workers: int, max_pixels: int) -> Iterator[tuple[str, bool, str]]:
     """check_file over all paths, in order, across ``workers`` processes (0 = one per core)."""
     workers = min(workers or os.cpu_count() or 1, -(-len(paths) // PHOTOS_PER_WORKER_MIN))
+    check = partial(check_file, max_pixels=max_pixels)
     done = 0
     if workers > 1:
         # spawn, not fork: the parent may already run TensorFlow's threads.
         context = multiprocessing.get_context("spawn")
         try:
             with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                for result in pool.map(check_file, paths, chunksize=16):
+                for result in pool.map(check, paths, chunksize=16):
                     done += 1
                     yield result
         except BrokenProcessPool:
             # Workers could not start (e.g. a __main__ read from stdin cannot be re-imported):
             # finish in this process rather than hang or fail.
             print("ingest: parallel checking unavailable here; continuing in one process", file=sys.stderr)
-    yield from map(check_file, paths[done:])
+    yield from map(check, paths[done:])
+
+
+def photos_for_every_split(val_percent: float, test_percent: float, chance: float = 0.95) -> int:
+    """Photos a class needs for every split to get one of them with ``chance`` (a union bound over splits)."""
+    shares = [val_percent / 100, test_percent / 100, 1 - (val_percent + test_percent) / 100]
+    n = 3
+    while sum((1 - share) ** n for share in shares) > 1 - chance:
+        n += 1
+    return n
 
 
 def counted(root: Path, classes: list[str], photos: list, data) -> tuple[dict, dict]:
@@ -234,27 +385,32 @@ def counted(root: Path, classes: list[str], photos: list, data) -> tuple[dict, d
     for photo in photos:
         per_class[classes[photo.label]][photo.split] += 1
     for name, counts in per_class.items():
-        if sum(counts.values()) < data.min_per_class:
+        total = sum(counts.values())
+        if total < data.min_per_class:
             raise GraftlineError(
-                f"class '{name}' has {sum(counts.values())} usable photo(s) in {root / name}; "
+                f"class '{name}' has {total} usable photo(s) in {root / name}; "
                 f"data.min_per_class is {data.min_per_class}. Add photos or remove the folder."
             )
-    split_counts = {s: sum(c[s] for c in per_class.values()) for s in records.SPLITS}
-    for split, count in split_counts.items():
-        if count == 0:
+        # Val scores early stopping and test the model, so each must see every class (params: percent > 0).
+        if missing := [s for s in records.SPLITS if counts[s] == 0]:
             raise GraftlineError(
-                f"the {split} split is empty ({len(photos)} photos, data.val_percent={data.val_percent}, "
-                f"data.test_percent={data.test_percent}); add photos or raise the percentages."
+                f"class '{name}' has no {' and no '.join(missing)} photo: its {total} photos split "
+                + ", ".join(f"{s} {counts[s]}" for s in records.SPLITS)
+                + " (a hash of each path decides). Every class needs a photo in each split: 3 at the least, "
+                f"about {photos_for_every_split(data.val_percent, data.test_percent)} to make that likely with "
+                f"data.val_percent={data.val_percent:g} and data.test_percent={data.test_percent:g}. Add photos "
+                f"to {root / name}, raise data.val_percent or data.test_percent, or try another data.split_salt."
             )
+    split_counts = {s: sum(c[s] for c in per_class.values()) for s in records.SPLITS}
     return per_class, split_counts
 
 
-def write_examples(folder: Path, photos: list, classes: list[str], shard_size: int) -> None:
+def write_examples(folder: Path, photos: list, classes: list[str], shard_size: int, max_pixels: int) -> None:
     """Every photo into gzip TFRecord shards, split by split, in key order; the folder appears when complete."""
     def load(photo: Photo) -> records.Record:
-        image = photo.path.read_bytes()
+        image = read_photo(photo.path)
         if photo.reencode:
-            image = reencoded(image)
+            image = reencoded(image, max_pixels)
         return records.Record(photo.key, photo.label, classes[photo.label], photo.sha256, image)
 
     with atomic_dir(folder) as tmp:
@@ -277,13 +433,13 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     data = params.data
     # 1. The photos' root: data.source's folder, or its archive extracted once.
     root, rejected = resolve_source(data, Path(inputs["downloads"]), Path(inputs["extract_dir"]))
-    # 2. Every photo checked (in parallel), deduplicated and given its split.
-    classes, photos, skipped, duplicates, conflicts, ignored = scan(
-        root, data.val_percent, data.test_percent, data.split_salt, data.workers, data.label_conflicts)
-    # 3. Enough classes, and photos in every class and split.
+    # 2. Every photo found (links resolved), checked in parallel, deduplicated and given its split.
+    found, photos, skipped, duplicates, conflicts = scan(root, data)
+    # 3. Enough classes, and photos of every class in every split.
+    classes = found.classes
     per_class, split_counts = counted(root, classes, photos, data)
     # 4. The TFRecord shards, then the labels and the report.
-    write_examples(Path(outputs["examples"]), photos, classes, data.shard_size)
+    write_examples(Path(outputs["examples"]), photos, classes, data.shard_size, data.max_pixels)
     write_json(Path(outputs["labels"]), classes)
     report = {
         "source": data.source,
@@ -300,7 +456,10 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         "duplicates": duplicates,
         # The same photo under several classes (data.label_conflicts: drop keeps no copy).
         "label_conflicts": conflicts,
-        "ignored": ignored,
+        # Files beside the class folders, and empty class folders (not classes).
+        "ignored": found.ignored,
+        # Links inside the photo folder and link loops; links that leave it are in "skipped".
+        "links": found.links,
         "wall_time_s": round(time.time() - started, 2),
     }
     write_json(Path(outputs["report"]), report)

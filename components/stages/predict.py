@@ -4,7 +4,12 @@ Photos go through ingest's checks (undecodable files are reported and
 skipped; WebP, CMYK, EXIF-rotated photos are re-encoded exactly as ingest
 stores them) and then, as raw bytes, through the SavedModel's ``serve``
 signature, whose decode + resize is components/images.py's: the same path as
-training and evaluation.
+training and evaluation. That signature does not read EXIF (it expects upright
+pixels: components/export.py), so turning rotated photos here is what gives a
+phone photo the answer its upright pixels get.
+
+A model folder with a file missing, cut short or not matching the others is one
+line naming the folder and the file (exit 2), never a traceback.
 """
 from __future__ import annotations
 
@@ -13,8 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
+from components import export
 from components.errors import GraftlineError
-from components.export import LABELS_FILE, SAVED_MODEL_DIR
 from components.photos import check_image, reencoded
 
 
@@ -31,11 +36,10 @@ def photo_paths(targets: list[str]) -> Iterator[Path]:
 
 
 def check(model_dir: Path, targets: list[str]) -> tuple[list[dict], list[tuple[Path, bool, dict]]]:
-    """Every file through ingest's checks, before TensorFlow or the model loads: one entry per file
-    ({path} or {path, skipped: reason}) and the photos to predict (path, re-encode?, their entry)."""
-    model_dir = Path(model_dir)
-    if not (model_dir / SAVED_MODEL_DIR).is_dir():
-        raise GraftlineError(f"{model_dir / SAVED_MODEL_DIR} not found; run the pipeline (fine-tune exports it)")
+    """The model folder's files (all there, labels.json readable), then every file through ingest's checks,
+    before TensorFlow or the model loads: one entry per file ({path} or {path, skipped: reason}) and the
+    photos to predict (path, re-encode?, their entry)."""
+    export.whole_folder_labels(Path(model_dir))
     results, photos = [], []
     for path in photo_paths(targets):
         reencode, reason = check_image(path.read_bytes())
@@ -46,13 +50,14 @@ def check(model_dir: Path, targets: list[str]) -> tuple[list[dict], list[tuple[P
 
 
 def predict(model_dir: Path, photos: list[tuple[Path, bool, dict]], top_k: int) -> None:
-    """Fill each checked photo's entry with its top classes: {class, probability}, best first."""
-    import json
+    """Fill each checked photo's entry with its top classes: {class, probability}, best first.
 
+    A model folder TensorFlow cannot load (a weights shard cut short), or whose labels.json does not match
+    its outputs, fails with one line naming the folder and the damaged file (components/export.py)."""
     import tensorflow as tf
 
-    labels = json.loads((Path(model_dir) / LABELS_FILE).read_text())
-    serve = tf.saved_model.load(str(Path(model_dir) / SAVED_MODEL_DIR)).signatures["serve"]
+    labels = export.whole_folder_labels(Path(model_dir))
+    serve = export.load_serve(Path(model_dir), labels)
     for path, reencode, entry in photos:
         data = path.read_bytes()
         # One photo per call, as evaluate runs them: a photo's probabilities do not depend on the others.

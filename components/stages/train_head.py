@@ -65,12 +65,13 @@ def train_and_save(params, inputs: dict, outputs: dict, strategy) -> dict:
     batches = devices.shard_by_data(tf.data.Dataset.from_tensor_slices((x_train, y_train))
                                     .shuffle(len(x_train), seed=params.seed, reshuffle_each_iteration=True)
                                     .batch(batch_size))
-    callbacks = callbacks_mod.epoch_loggers(outputs) + early_stopping(p.early_stopping_patience)
+    callbacks = callbacks_mod.tensorboard(outputs) + early_stopping(p.early_stopping_patience)
     val_batch_size = devices.batch_for(VAL_BATCH_SIZE * replicas, replicas, len(x_val), "train-head: val split")
     weights = class_weights(y_train, len(labels)) if p.class_weights == "auto" else None
     fit = head.fit(batches, validation_data=(x_val, y_val), epochs=p.epochs, shuffle=False,  # shuffled above
                    validation_batch_size=val_batch_size, class_weight=weights, callbacks=callbacks,
                    verbose=keras_verbosity())
+    callbacks_mod.write_live(outputs, callbacks_mod.epoch_logs(fit.history))
     rows = curve_rows(fit.history, 1)
     epochs_run = len(rows)
     # With early stopping the weights are the best epoch's, and so are the reported figures.
