@@ -75,7 +75,9 @@ def render(metrics: dict, labels: list[str], counts, mistakes: list[dict], image
     parts.append(f"<p><img id='curves' alt='learning curves' src='{data_url(curves_png)}'></p>" if curves_png
                  else "<p>No learning curves were found (plots/learning_curves.png).</p>")
     parts.append(f"<h2>The {len(mistakes)} most confident mistakes</h2>"
-                 "<p>Often mislabelled photos: worth a look.</p><div class='mistakes'>")
+                 "<p>Often mislabelled photos: worth a look. Suspect labels, near-duplicates and outliers in every "
+                 "split: <a id='audit-link' href='audit.html'>what is wrong with the photos</a> (the audit stage's "
+                 "page, beside this one).</p><div class='mistakes'>")
     for m in mistakes:
         thumb = images.get(m["path"])
         img = f"<img class='thumb' alt='{e(m['path'])}' src='{data_url(thumbnail(thumb), 'jpeg')}'>" if thumb else ""

@@ -20,12 +20,13 @@ from pipeline import console, runtime, stages  # runtime quiets TensorFlow befor
 STAGES = {command: (stage.module, stages.paths(stage.inputs), stages.paths(stage.outputs))
           for command, stage in stages.STAGES.items()}
 
-WITHOUT_TENSORFLOW = ("download", "ingest")  # stages that never import it (seconds saved on every run)
+WITHOUT_TENSORFLOW = ("download", "ingest", "audit")  # stages that never import it (seconds saved on every run)
 
 HELP = {
     "download": "data.url -> data.source when it lies in data/download/ (so DVC tracks a local archive)",
     "ingest": "photos (folder or archive) -> TFRecord shards per split, labels.json, reports/ingest.json",
     "bottleneck": "TFRecords -> Parquet features of the frozen base (Apache Beam RunInference)",
+    "audit": "label issues, near-duplicates and outliers in the photos (cleanlab on the features): reports/audit.html",
     "train-head": "train the Dropout + Dense head on the cached features",
     "fine-tune": "train base layers >= fine_tune_at with the head; export artifacts/model/",
     "evaluate": "test split: accuracy, per-class precision/recall/F1, confusion matrix",
@@ -85,7 +86,9 @@ def run_stage(stage: str, params_path: str) -> dict:
     table = stages.STAGES[stage]
     staged = {k: Path(v) for k, v in table.staged_outputs().items()}
     with atomic.output_set(staged, Path(table.journal)) as temporary:
-        return run(params, {k: Path(v) for k, v in inputs.items()}, {k: Path(v) for k, v in outputs.items()} | temporary)
+        result = run(params, {k: Path(v) for k, v in inputs.items()}, {k: Path(v) for k, v in outputs.items()} | temporary)
+    final_name = {str(temporary[k]): str(path) for k, path in staged.items()}
+    return {k: final_name.get(v, v) if isinstance(v, str) else v for k, v in result.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -92,6 +92,9 @@ class DataParams(Section):
     label_conflicts: str = param("drop", "the same photo under two classes: `drop` (no copy in any split) or "
                                  "`keep_first` (the first path's class)", allowed="drop or keep_first",
                                  choices=("drop", "keep_first"))
+    exclude: str = param("data/exclude.txt", "text file of photos to leave out, one path per line as ingest names "
+                         "it (`class/file.jpg`; `#` comments); DVC tracks it (see reports/audit.html)", bool,
+                         "a text file path (the default data/exclude.txt holds only comments)")
 
     def check(self, params: Params) -> None:
         if not self.source:
@@ -243,6 +246,14 @@ class EvaluateParams(Section):
 
 
 @dataclass(frozen=True)
+class AuditParams(Section):
+    folds: int = param(5, "K of the K-fold cross-validation whose out-of-sample probabilities find label issues",
+                       **at_least(2))
+    listed: int = param(30, "photos of each kind (label issues, near-duplicate pairs, outliers) shown on "
+                        "reports/audit.html; reports/audit.json lists all", **at_least(1))
+
+
+@dataclass(frozen=True)
 class TrainParams(Section):
     """Where train-head and fine-tune run (ingest, bottleneck and evaluate ignore it)."""
     device: str = param("auto", "where train-head and fine-tune run: auto (GPU when TensorFlow sees one), cpu or gpu",
@@ -286,6 +297,7 @@ class Params(Section):
     augment: AugmentParams = field(default_factory=AugmentParams)
     fine_tune: FineTuneParams = field(default_factory=FineTuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    audit: AuditParams = field(default_factory=AuditParams)
     train: TrainParams = field(default_factory=TrainParams)
     export: ExportParams = field(default_factory=ExportParams)
     tfx: TfxParams = field(default_factory=TfxParams)

@@ -97,10 +97,18 @@ STAGES: dict[str, Stage] = {s.command: s for s in (
            "report": out("reports/ingest.json", "outs", *NO_CACHE)},
           ("data",),
           data_deps=("# the photos themselves: DVC hashes the folder or archive (its state cache skips unchanged "
-                     "files)", "${data.source}")),
+                     "files)", "${data.source}", "# the photos left out (reports/audit.html says which to consider)",
+                     "${data.exclude}")),
     Stage("bottleneck", "components.stages.bottleneck", {"examples": dep("artifacts/examples")},
           {"bottlenecks": out("artifacts/bottlenecks"), "report": out("reports/bottleneck.json", "outs", *NO_CACHE)},
           ("base", "input_block.upsample", "bottleneck")),
+    Stage("audit", "components.stages.audit",
+          {"bottlenecks": dep("artifacts/bottlenecks"), "labels": dep("artifacts/labels.json"),
+           "examples": dep("artifacts/examples")},
+          {"report": out("reports/audit.json", "outs", *NO_CACHE),
+           "html": out("reports/audit.html", "outs", *NO_CACHE,
+                       comment="label issues, near-duplicates, outliers, with thumbnails")},
+          ("seed", "audit", "data.exclude")),
     Stage("train-head", "components.stages.train_head",
           {"bottlenecks": dep("artifacts/bottlenecks"), "labels": dep("artifacts/labels.json")},
           {"head": out("artifacts/head"), "report": out("reports/train_head.json", "outs", *NO_CACHE),
@@ -188,9 +196,9 @@ def code_deps(module: str, *also: str) -> list[str]:
 
 HEADER = """\
 # GENERATED from pipeline/stages.py by `python -m pipeline.stages`: edit that table, not this file.
-# Five stages, each one `graftline <stage>`, after a small download one. Deps and params are exactly
-# what each stage reads (evaluate: all params, see there), so `dvc exp run -S fine_tune_at=N` re-runs
-# fine_tune and evaluate only. Code deps are the import closure of the stage's module.
+# Five stages, each one `graftline <stage>`, after a small download one, and audit beside them (what is
+# wrong with the photos). Deps and params are exactly what each stage reads (evaluate: all params, see
+# there), so `dvc exp run -S fine_tune_at=N` re-runs fine_tune and evaluate only. Code deps are the import closure of the stage's module.
 # persist: a stage's outputs replace the last set only when it completes (a failed or killed run leaves
 # them in place, dvc.lock saying they are stale); so DVC must not delete them first.
 stages:"""

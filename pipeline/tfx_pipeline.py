@@ -1,4 +1,4 @@
-"""The same five stages as TFX components, run on LocalDagRunner with a SQLite ML-Metadata store.
+"""The same stages as TFX components (the five and audit), run on LocalDagRunner with a SQLite ML-Metadata store.
 
 Each component is a thin adapter: it rebuilds Params from JSON, maps its
 artifacts' URIs to the paths ``components.stages.<stage>.run`` expects and calls it,
@@ -55,6 +55,10 @@ class Evaluation(Artifact):
     TYPE_NAME = "graftline.Evaluation"
 
 
+class Audit(Artifact):
+    TYPE_NAME = "graftline.Audit"
+
+
 LOGS = {"live", "tensorboard"}  # per-epoch logs: the DVC path's
 
 
@@ -96,6 +100,13 @@ def Bottleneck(examples: InputArtifact[Examples], bottlenecks: OutputArtifact[Bo
 
 
 @component
+def AuditPhotos(examples: InputArtifact[Examples], bottlenecks: InputArtifact[Bottlenecks],
+                audit: OutputArtifact[Audit], params_json: Parameter[str]):
+    _call("audit", params_json, _inputs("audit", examples=examples.uri, labels=examples.uri,
+                                        bottlenecks=bottlenecks.uri), _outputs("audit", audit.uri))
+
+
+@component
 def TrainHead(examples: InputArtifact[Examples], bottlenecks: InputArtifact[Bottlenecks],
               head: OutputArtifact[Head], report: OutputArtifact[StageReport], params_json: Parameter[str]):
     _call("train_head", params_json, _inputs("train-head", bottlenecks=bottlenecks.uri, labels=examples.uri),
@@ -124,7 +135,7 @@ def Evaluate(examples: InputArtifact[Examples], model: InputArtifact[Model], fin
 
 def create_pipeline(params, pipeline_root: str, downloads: str, extract_dir: str,
                     metadata_path: str | None = None) -> Pipeline:
-    """The five components wired as in dvc.yaml; params travel as one JSON parameter.
+    """The components wired as in dvc.yaml; params travel as one JSON parameter.
 
     ``metadata_path``: a SQLite ML-Metadata store for LocalDagRunner; compiled
     pipelines (Vertex, Kubeflow) bring their own store, so they leave it out.
@@ -132,6 +143,8 @@ def create_pipeline(params, pipeline_root: str, downloads: str, extract_dir: str
     params_json = json.dumps(params.to_dict(), sort_keys=True)
     ingest = Ingest(params_json=params_json, downloads=downloads, extract_dir=extract_dir)
     bottleneck = Bottleneck(examples=ingest.outputs["examples"], params_json=params_json)
+    audit = AuditPhotos(examples=ingest.outputs["examples"], bottlenecks=bottleneck.outputs["bottlenecks"],
+                        params_json=params_json)
     train_head = TrainHead(examples=ingest.outputs["examples"], bottlenecks=bottleneck.outputs["bottlenecks"],
                            params_json=params_json)
     fine_tune = FineTune(examples=ingest.outputs["examples"], head=train_head.outputs["head"],
@@ -141,7 +154,7 @@ def create_pipeline(params, pipeline_root: str, downloads: str, extract_dir: str
     return Pipeline(
         pipeline_name=PIPELINE_NAME,
         pipeline_root=pipeline_root,
-        components=[ingest, bottleneck, train_head, fine_tune, evaluate],
+        components=[ingest, bottleneck, audit, train_head, fine_tune, evaluate],
         metadata_connection_config=sqlite_metadata_connection_config(metadata_path) if metadata_path else None,
         enable_cache=True,
         beam_pipeline_args=beam_runners.tfx_beam_args(params.bottleneck),
@@ -154,7 +167,7 @@ def latest_artifacts(root: Path) -> dict[str, str]:
 
     store = metadata_store.MetadataStore(sqlite_metadata_connection_config(str((root / "metadata.sqlite").resolve())))
     latest = {}
-    for artifact_type in (Examples, Bottlenecks, Head, Model, Evaluation):
+    for artifact_type in (Examples, Bottlenecks, Audit, Head, Model, Evaluation):
         found = store.get_artifacts_by_type(artifact_type.TYPE_NAME)
         if found:
             latest[artifact_type.TYPE_NAME] = max(found, key=lambda a: a.id).uri

@@ -1,5 +1,6 @@
 """What a person sees, checked in a real browser (headless Chromium, Debian's package), with no network:
-reports/evaluate.html and the page `graftline plots` writes with `dvc plots show` (local vega scripts)."""
+reports/evaluate.html, reports/audit.html (linked from it) and the page `graftline plots` writes with
+`dvc plots show` (local vega scripts)."""
 from __future__ import annotations
 
 import json
@@ -68,6 +69,8 @@ PROBE = """() => ({
   vegaViews: document.querySelectorAll('.vega-embed canvas, .vega-embed svg').length,
   vegaDivs: document.querySelectorAll('.vega-embed').length,
   title: document.title,
+  sections: [...document.querySelectorAll('h2[id]')].map(h => h.id),
+  pairs: document.querySelectorAll('.pair').length,
 })"""
 
 
@@ -84,6 +87,31 @@ def test_the_evaluation_report_shows_its_figures_and_thumbnails_offline(project,
     assert shown["errors"] == [] and shown["refused"] == [], shown
     # The README's screenshot is this browser's.
     assert report.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_audit_page_is_linked_from_the_evaluation_page_and_shows_its_photos(project, chromium, tmp_path):
+    for name in ("evaluate.html", "audit.html"):
+        shutil.copy(project.first / "reports" / name, tmp_path / name)
+    audit = json.loads((project.first / "reports" / "audit.json").read_text())
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:  # the link a person follows from the evaluation page
+        browser = p.chromium.launch(executable_path=str(chromium), args=ARGS)
+        try:
+            page = browser.new_page()
+            page.goto((tmp_path / "evaluate.html").resolve().as_uri())
+            page.click("#audit-link")
+            page.wait_for_load_state()
+            assert page.url.endswith("/audit.html") and "wrong with the photos" in page.title()
+        finally:
+            browser.close()
+    shown = open_offline(chromium, tmp_path / "audit.html", "() => [...document.images].every(i => i.complete)")
+    assert shown["sections"] == ["label-issues", "near-duplicates", "outliers"]
+    listed = min(30, len(audit["label_issues"])) + min(30, len(audit["outliers"]))  # audit.listed: 30
+    thumbs = [i for i in shown["images"] if i["cls"] == "thumb"]
+    assert len(thumbs) == listed + 2 * shown["pairs"] > 0 and all(t["width"] > 0 for t in thumbs)
+    assert shown["pairs"] == min(30, len(audit["near_duplicates"]))
+    assert shown["errors"] == [] and shown["refused"] == [], shown
 
 
 def test_dvc_plots_draws_curves_and_confusion_with_local_scripts(project, chromium, tmp_path):

@@ -1,4 +1,5 @@
-"""The TFX path: the same five run functions as @component on LocalDagRunner with a SQLite MLMD store."""
+"""The TFX path: the same run functions (the five stages and audit) as @component on LocalDagRunner with a
+SQLite MLMD store."""
 from __future__ import annotations
 
 import json
@@ -28,6 +29,11 @@ def test_tfx_run_gives_the_dvc_runs_metrics(project, tfx_run):
         k: v for k, v in dvc_fine_tune.items() if k not in tflite}
     assert (Path(uris["graftline.Model"]) / "artifacts/model/model.keras").is_file()
     assert (Path(uris["graftline.Model"]) / "artifacts/model/saved_model/saved_model.pb").is_file()
+    # The audit too: the same findings from the same features (its wall time aside).
+    audit, dvc_audit = load(Path(uris["graftline.Audit"]) / "reports/audit.json"), load(project.first / "reports/audit.json")
+    for found in (audit, dvc_audit):
+        found["summary"].pop("wall_time_s")
+    assert audit == dvc_audit and (Path(uris["graftline.Audit"]) / "reports/audit.html").is_file()
 
 
 def test_tfx_lineage_is_recorded_in_sqlite_mlmd(tfx_run):
@@ -39,7 +45,8 @@ def test_tfx_lineage_is_recorded_in_sqlite_mlmd(tfx_run):
     executions = store.get_executions()
     types = {store.get_execution_types_by_id([e.type_id])[0].name for e in executions}
     assert {"pipeline.tfx_pipeline.Ingest", "pipeline.tfx_pipeline.Bottleneck", "pipeline.tfx_pipeline.TrainHead",
-            "pipeline.tfx_pipeline.FineTune", "pipeline.tfx_pipeline.Evaluate"} <= types, types
+            "pipeline.tfx_pipeline.FineTune", "pipeline.tfx_pipeline.Evaluate",
+            "pipeline.tfx_pipeline.AuditPhotos"} <= types, types
     # The model was made from the head, which was made from the features: lineage edges exist.
     model = store.get_artifacts_by_type("graftline.Model")[-1]
     producing = [e for e in store.get_events_by_artifact_ids([model.id]) if e.type == e.OUTPUT]

@@ -9,7 +9,7 @@ import pytest
 from test_cli import assert_one_line_error, graftline, write_params
 
 IMAGE = "registry.example.org/team/graftline:1.2.3"
-COMPONENTS = {"Ingest", "Bottleneck", "TrainHead", "FineTune", "Evaluate"}
+COMPONENTS = {"Ingest", "Bottleneck", "AuditPhotos", "TrainHead", "FineTune", "Evaluate"}
 
 
 @pytest.fixture(scope="module")

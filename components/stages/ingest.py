@@ -291,8 +291,9 @@ def walk(root: Path) -> Walk:
     return out
 
 
-def scan(root: Path, data):
-    """Walk and check the class folders: (walk, photos, skipped, duplicates, conflicts).
+def scan(root: Path, data, exclude: frozenset[str] = frozenset()):
+    """Walk and check the class folders, leaving out the photos ``exclude`` names (data.exclude's keys):
+    (walk, photos, skipped, duplicates, conflicts).
 
     The same photo bytes more than once: under one class, a duplicate (kept once, so test never
     sees a train photo); under several classes, a label conflict, which ``data.label_conflicts``
@@ -300,7 +301,7 @@ def scan(root: Path, data):
     """
     found = walk(root)
     labels = {name: label for label, name in enumerate(found.classes)}
-    files = found.files
+    files = [f for f in found.files if f.key not in exclude]
     skipped, copies = [], {}  # copies: sha256 -> [(key, path, label, reencode)] in sorted key order
     checked = _check_files([str(f.real) for f in files], data.workers, data.max_pixels)
     for f, (digest, reencode, reason) in zip(
@@ -327,6 +328,24 @@ def scan(root: Path, data):
     duplicates.sort(key=lambda d: d["path"])
     skipped = sorted(skipped + found.refused, key=lambda s: PurePosixPath(s["path"]))
     return found, photos, skipped, duplicates, conflicts
+
+
+def excluded_keys(path: Path, default: str) -> list[str]:
+    """data.exclude's photo paths, one per line as ingest names them; blank lines and lines starting with # skipped.
+
+    The default file missing (ingest run outside a graftline project, which commits it) excludes nothing.
+    """
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        if str(path) == default:
+            return []
+        raise GraftlineError(f"data.exclude: {path} not found; create it (one photo path per line, as ingest names "
+                             "them: class/file.jpg; # comments) or point data.exclude at another file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GraftlineError(f"data.exclude: {path} is not a readable text file ({exc})") from None
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def read_photo(path: str | Path) -> bytes:
@@ -434,7 +453,9 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     # 1. The photos' root: data.source's folder, or its archive extracted once.
     root, rejected = resolve_source(data, Path(inputs["downloads"]), Path(inputs["extract_dir"]))
     # 2. Every photo found (links resolved), checked in parallel, deduplicated and given its split.
-    found, photos, skipped, duplicates, conflicts = scan(root, data)
+    exclude = excluded_keys(Path(data.exclude), type(data)().exclude)
+    found, photos, skipped, duplicates, conflicts = scan(root, data, frozenset(exclude))
+    met = {f.key for f in found.files}
     # 3. Enough classes, and photos of every class in every split.
     classes = found.classes
     per_class, split_counts = counted(root, classes, photos, data)
@@ -460,6 +481,9 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         "ignored": found.ignored,
         # Links inside the photo folder and link loops; links that leave it are in "skipped".
         "links": found.links,
+        # data.exclude's lines: the photos left out, and lines that name no photo here (a typo, or gone).
+        "excluded": sorted(key for key in set(exclude) if key in met),
+        "exclude_unmatched": sorted(key for key in set(exclude) if key not in met),
         "wall_time_s": round(time.time() - started, 2),
     }
     write_json(Path(outputs["report"]), report)
