@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # dvc runs `graftline`, so the venv's bin goes first on PATH.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup setup-gpu repro test plots clean ci-evaluate
+.PHONY: setup setup-gpu repro test test-fast plots clean ci-evaluate
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ repro: setup
 
 test: setup
 	$(RUN) python -m pytest -ra
+
+# Every test that does not run the pipeline end to end (those carry the e2e marker; see pyproject.toml):
+# under 3 minutes on 2 cores.
+test-fast: setup
+	$(RUN) python -m pytest -ra -m "not e2e"
 
 # DVC's plots page with local vega scripts (draws offline): dvc_plots/index.html. The evaluation
 # report needs nothing: open reports/evaluate.html.

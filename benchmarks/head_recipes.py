@@ -19,7 +19,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from components import features, records  # noqa: E402
-from components.head import build_head, make_optimizer  # noqa: E402
+from components.head import build_head  # noqa: E402
+from components.recipe import make_optimizer  # noqa: E402
 
 # (name, optimizer, learning rate, dropout, max epochs, early-stopping patience or 0)
 RECIPES = (

@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO / "tests"))  # loopback.serve: the URL path over 127
 
 from loopback import serve  # noqa: E402
 STAGE_REPORTS = {"download": None, "ingest": "reports/ingest.json", "bottleneck": "reports/bottleneck.json",
+                 "audit": "reports/audit.json",
                  "train_head": "reports/train_head.json", "fine_tune": "reports/fine_tune.json",
                  "evaluate": "reports/evaluate.json"}
 KERAS_NAMES = [f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{s}_no_top.h5" for s in (96, 128, 160, 192, 224)]

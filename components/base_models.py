@@ -7,7 +7,9 @@ default ``~/.keras/models``), downloaded there once when missing, and then
 passed to Keras by path; ``base.weights`` may also name a file directly.
 EfficientNet-Lite bases (components/efficientnet_lite.py) are built here, not
 by keras.applications; their weights come from registry packages' ``.pth``
-files, converted once into ``$KERAS_HOME/models``.
+files, converted once into ``$KERAS_HOME/models``. AlexNet (components/alexnet.py)
+is an architecture only: no weights exist for it here, so ``base.weights: none``
+is its one valid choice (it is trained from scratch, presets/flowers_alexnet.yaml).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from components import efficientnet_lite
+from components import alexnet, efficientnet_lite
 from components.errors import GraftlineError
 
 KERAS_APPS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -39,10 +41,20 @@ class BaseSpec:
     build_with_top: Callable | None = None
     # the layer a with-top build is cut at (its pooled features)
     pool_layer: str = ""
+    # name, image_size -> the base itself (random weights, ending in its pooled features), for bases that
+    # exist here as an architecture only: no weights file of any kind, so base.weights must be 'none'
+    build_no_top: Callable | None = None
 
-    def problems(self, alpha: float, image_size: int) -> list[tuple[str, object, str]]:
-        """(key, value, what is allowed) for each base param this model cannot take."""
+    @property
+    def has_weights(self) -> bool:
+        return self.build_no_top is None
+
+    def problems(self, alpha: float, image_size: int, weights: str | None = None) -> list[tuple[str, object, str]]:
+        """(key, value, what is allowed) for each base param this model cannot take (``weights``: when given)."""
         found = []
+        if weights is not None and not self.has_weights and weights != "none":
+            found.append(("base.weights", weights, f"none: {self.name} has no pretrained weights here (an "
+                                                   "architecture only, trained from scratch)"))
         if self.uses_alpha and alpha not in MOBILENET_V2_ALPHAS:
             found.append(("base.alpha", alpha, f"one of {', '.join(map(str, MOBILENET_V2_ALPHAS))} for {self.name}"))
         if image_size < self.min_size:
@@ -82,6 +94,8 @@ REGISTRY: dict[str, BaseSpec] = {
         *(BaseSpec(name, "", "lite", variant.image_size, 32, False, None, lambda alpha: efficientnet_lite.HEAD_FILTERS,
                    efficientnet_lite.build, efficientnet_lite.POOL_LAYER)
           for name, variant in efficientnet_lite.VARIANTS.items()),
+        BaseSpec(alexnet.NAME, "", alexnet.PREPROCESSING, alexnet.IMAGE_SIZE, alexnet.min_image_size(), False, None,
+                 lambda alpha: alexnet.FEATURE_WIDTH, build_no_top=alexnet.build),
     )
 }
 
@@ -119,6 +133,9 @@ def resolve_weights(model: str, alpha: float, image_size: int, weights: str) -> 
         return str(path)
     if weights == "none":
         return None
+    if not REGISTRY[model].has_weights:  # params validation says so first; this is for direct callers
+        key, value, allowed = REGISTRY[model].problems(alpha, image_size, weights)[0]
+        raise GraftlineError(f"params: {key} = {value!r} is not allowed; expected {allowed}")
     if weights != "imagenet":
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -189,6 +206,11 @@ def build_base(model: str, alpha: float, image_size: int, weights_path: str | No
     if is_keras_file(model):
         return _keras_file_base(weights_path, image_size, feature_layer)
     spec = REGISTRY[model]
+    if spec.build_no_top is not None:  # an architecture only: resolve_weights never names a file for it
+        if weights_path is not None:
+            raise GraftlineError(f"base.weights: {model} has no pretrained weights here; {weights_path} cannot be "
+                                 "loaded into it (use base.weights: none)")
+        return spec.build_no_top(model, image_size)
     if spec.build_with_top is not None:
         return _cut_at_pool(spec, model, image_size, weights_path)
     kwargs = dict(input_shape=(image_size, image_size, 3), include_top=False, pooling="avg", weights=None)

@@ -1,7 +1,6 @@
 """Where training runs: the choices behind ``train.device``, ``train.mixed_precision`` and ``train.strategy``.
 
-Two halves, kept apart by DESIGN rule 1 (a component never touches global
-state):
+Two halves, kept apart because a component never touches process-wide state (docs/architecture.md):
 
 - pure choices (``choose_device``, ``choose_policy``), which
   ``pipeline/runtime.py`` applies to TensorFlow before a training stage (visible devices, GPU memory growth, Keras' global dtype
@@ -19,14 +18,15 @@ from __future__ import annotations
 import functools
 import re
 
+from components import multi_worker
 from components.errors import GraftlineError
+from components.multi_worker import MULTI_WORKER
 
 MIXED = "mixed_float16"
 FLOAT32 = "float32"
 # What the reports call the strategies (tf.distribute.MultiWorkerMirroredStrategy's class is
 # CollectiveAllReduceStrategy, so its name is spelt here).
 DEFAULT = "default (one device)"
-MULTI_WORKER = "MultiWorkerMirroredStrategy"
 
 
 def choose_device(setting: str, num_gpus: int) -> str:
@@ -78,8 +78,6 @@ def strategy(setting: str = "auto"):
     import tensorflow as tf
 
     if setting == "multi_worker":
-        from components import multi_worker  # the multi-machine path, only when asked for
-
         return multi_worker.multi_worker()
     if setting == "one_device":
         return tf.distribute.get_strategy()
@@ -119,8 +117,6 @@ def placement(strategy, batch_size_per_replica: int | None = None) -> dict:
         "mixed_precision": keras.mixed_precision.global_policy().name,
     }
     if name == MULTI_WORKER:
-        from components import multi_worker
-
         found.update(multi_worker.role(strategy))
     if batch_size_per_replica is not None:
         found.update(batch_size_per_replica=batch_size_per_replica,
@@ -154,13 +150,9 @@ def batch_for(global_batch: int, replicas: int, examples: int, what: str) -> int
 
 def strategy_name(strategy) -> str:
     """What the reports call a strategy: MirroredStrategy, MultiWorkerMirroredStrategy or the default."""
-    import tensorflow as tf
-
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):  # class CollectiveAllReduceStrategy
+    if multi_worker.is_multi_worker(strategy):
         return MULTI_WORKER
     return "MirroredStrategy" if type(strategy).__name__ == "MirroredStrategy" else DEFAULT
-
-
 
 
 def shard_by_data(dataset):

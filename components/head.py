@@ -1,26 +1,14 @@
-"""The classification head, its files, and how the training stages train: shared by train-head
-(which trains the head on cached features), fine-tune (which puts it on the base) and the scratch
-control. Early stopping and the choice of the epoch whose figures are reported live here, once.
+"""The classification head and its files, shared by train-head (which trains it on cached features),
+fine-tune (which puts it on the base) and the scratch control. How they train it is components/recipe.py.
 
 A head folder holds HEAD_FILE (the Keras model), HEAD_INFO (labels, epochs) and HEAD_HISTORY (its
-learning curve, CURVE_COLUMNS, from which fine-tune draws the joined curves).
+learning curve, recipe.CURVE_COLUMNS, from which fine-tune draws the joined curves).
 """
 from __future__ import annotations
-
-import math
-import sys
 
 HEAD_FILE = "head.keras"
 HEAD_INFO = "head.json"
 HEAD_HISTORY = "history.csv"
-CURVE_COLUMNS = ("epoch", "accuracy", "loss", "val_accuracy", "val_loss")
-
-
-def make_optimizer(name: str, learning_rate: float):
-    import keras
-
-    return {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop,
-            "sgd": keras.optimizers.SGD}[name](learning_rate=learning_rate)
 
 
 def build_head(feature_width: int, num_classes: int, dropout: float, hidden_units: int = 0):
@@ -35,68 +23,3 @@ def build_head(feature_width: int, num_classes: int, dropout: float, hidden_unit
     # float32 whatever the global policy: under mixed precision a float16 softmax loses small probabilities.
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="head_dense", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="head")
-
-
-def keras_verbosity() -> int:
-    """A live bar on a terminal, one line per epoch in logs (DVC, CI)."""
-    return 1 if sys.stdout.isatty() else 2
-
-
-def curve_row(epoch: int, logs: dict) -> list:
-    """One CURVE_COLUMNS row: the epoch's number and its Keras logs, rounded as every curve file holds them."""
-    return [epoch] + [round(float(logs[c]), 6) for c in CURVE_COLUMNS[1:]]
-
-
-def curve_rows(history: dict, first_epoch: int) -> list[list]:
-    """Keras' History as CURVE_COLUMNS rows, epochs numbered from ``first_epoch``."""
-    return [curve_row(first_epoch + i, {c: history[c][i] for c in CURVE_COLUMNS[1:]})
-            for i in range(len(history["loss"]))]
-
-
-def early_stopping(patience: int, resumed: dict | None = None, best_weights=None) -> list:
-    """Both training stages' rule: stop when val loss has not improved for ``patience`` epochs and
-    keep the best epoch's weights (no callback when patience is 0: every epoch runs, the last is kept).
-
-    ``resumed`` ({wait, best, best_epoch}) and ``best_weights``: the callback's state after the last epoch of a
-    killed run, so that the resumed run stops and restores exactly where one that ran through would.
-    """
-    import keras
-
-    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-        def on_train_begin(self, logs=None):
-            super().on_train_begin(logs)
-            if resumed:
-                self.wait, self.best, self.best_epoch = resumed["wait"], resumed["best"], resumed["best_epoch"]
-                self.best_weights = best_weights
-
-    return [ResumableEarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
-            ] if patience else []
-
-
-def scheduled_rate(schedule: str, learning_rate: float, epoch: int, epochs: int) -> float:
-    """Epoch ``epoch``'s (0-based) learning rate: ``learning_rate`` for ``constant``; for ``cosine``, on a
-    cosine from ``learning_rate`` to 0 over ``epochs``, taken at the epoch's middle (the mean of a per-step
-    cosine over that epoch, to within a few percent)."""
-    if schedule == "constant":
-        return learning_rate
-    return learning_rate * 0.5 * (1 + math.cos(math.pi * (epoch + 0.5) / epochs))
-
-
-def rate_schedule(schedule: str, learning_rate: float, epochs: int) -> list:
-    """The callbacks that set each epoch's learning rate to scheduled_rate (none for ``constant``).
-
-    Keyed by the epoch's index, so a resumed run (fit's initial_epoch) continues the same curve.
-    """
-    import keras
-
-    if schedule == "constant":
-        return []
-    return [keras.callbacks.LearningRateScheduler(
-        lambda epoch, _rate: scheduled_rate(schedule, learning_rate, epoch, epochs))]
-
-
-def best_row(rows: list[list], patience: int) -> list:
-    """The curve row whose weights early_stopping(patience) kept: the lowest val loss (the first of
-    equals, as Keras keeps it), or the last row without early stopping."""
-    val_loss = CURVE_COLUMNS.index("val_loss")
-    return min(rows, key=lambda row: row[val_loss]) if patience else rows[-1]

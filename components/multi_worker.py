@@ -19,8 +19,17 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from components.devices import MULTI_WORKER, strategy_name
 from components.errors import GraftlineError
+
+MULTI_WORKER = "MultiWorkerMirroredStrategy"  # what the reports call the strategy
+
+
+
+def is_multi_worker(strategy) -> bool:
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)  # class CollectiveAllReduceStrategy
+
 
 # Task types that train under MultiWorkerMirroredStrategy (an "evaluator" only watches, a "ps" is another strategy's).
 TRAINING_TASKS = ("chief", "worker")
@@ -132,7 +141,7 @@ def _multi_worker(config: str):
 
 def role(strategy) -> dict:
     """Several workers: {"workers": N, "task": "worker:1", "chief": bool}; one process: it is the chief."""
-    if strategy_name(strategy) != MULTI_WORKER:
+    if not is_multi_worker(strategy):
         return {"workers": 1, "chief": True}
     resolver = strategy.cluster_resolver
     cluster = {job: list(addresses) for job, addresses in resolver.cluster_spec().as_dict().items()}
@@ -153,7 +162,7 @@ def worker_outputs(strategy, outputs: dict, stage: str) -> Iterator[dict]:
     that stops makes TensorFlow abort the others' collectives; that becomes one
     line that points at the other workers' logs.
     """
-    if strategy_name(strategy) != MULTI_WORKER:
+    if not is_multi_worker(strategy):
         yield outputs
         return
     import tensorflow as tf
@@ -188,7 +197,7 @@ def same_on_every_worker(strategy, value: int) -> bool:
     """
     import tensorflow as tf
 
-    if strategy_name(strategy) != MULTI_WORKER:
+    if not is_multi_worker(strategy):
         return True
     mine = tf.constant([float(value), float(value) ** 2, 1.0], tf.float64)
     per_replica = strategy.experimental_distribute_values_from_function(lambda _: mine)

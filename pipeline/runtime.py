@@ -35,27 +35,22 @@ def configure(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-# Stages that train and so read train.device; ingest and evaluate never use a GPU.
-TRAINING_STAGES = ("train_head", "fine_tune")
-CPU_ONLY_STAGES = ("ingest", "evaluate")
+def configure_devices(stage, params, own_process: bool = True) -> None:
+    """Device setup before a stage (a pipeline.stages.Stage), the same from both adapters.
 
-
-def configure_devices(stage: str, params, own_process: bool = True) -> None:
-    """Device setup before a stage (components.<stage>), the same from both adapters.
-
-    Training stages follow train.device and train.mixed_precision; the others run
-    in float32 (the dtype policy is process-wide, so a training stage's must not
-    leak into them). When the stage has a process of its own (the CLI), ingest and
-    evaluate also hide any GPU; TFX's LocalDagRunner runs every stage in one
-    process, where that would hide the GPUs from training too.
+    Training stages (``stage.trains``) follow train.device and train.mixed_precision; the others
+    run in float32 (the dtype policy is process-wide, so a training stage's must not leak into
+    them). When the stage has a process of its own (the CLI), a ``cpu_only`` stage also hides
+    any GPU; TFX's LocalDagRunner runs every stage in one process, where that would hide the
+    GPUs from training too.
     """
-    if stage in TRAINING_STAGES:
+    if stage.trains:
         configure_training(params.train)
         return
     import keras
 
     keras.mixed_precision.set_global_policy("float32")
-    if own_process and stage in CPU_ONLY_STAGES:
+    if own_process and stage.cpu_only:
         cpu_only()
 
 
@@ -114,7 +109,8 @@ def check_training(train) -> tuple[dict | None, str]:
 
 
 def cpu_only() -> None:
-    """Before ingest and evaluate: they never use a GPU, so hide any (same figures on CPU and GPU runners)."""
+    """Before a stage or command that never uses a GPU (evaluate, predict): hide any, for the same figures on CPU
+    and GPU runners."""
     import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU"):

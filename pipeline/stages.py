@@ -54,11 +54,14 @@ def live(stage: str) -> Io:
 
 @dataclass(frozen=True)
 class Stage:
-    command: str  # graftline <command>
-    module: str
+    name: str  # THE name: dvc.yaml's stage, `graftline <name>`, components/stages/<name>.py
+    help: str  # what `graftline --help` says of it
     inputs: dict[str, Io]
     outputs: dict[str, Io]
     params: tuple[str, ...]
+    trains: bool = False  # follows train.device / mixed_precision / strategy (else float32, and no GPU if cpu_only)
+    cpu_only: bool = False  # hides any GPU when it runs in a process of its own: same figures on CPU and GPU runners
+    tensorflow: bool = True  # False: never imports it, so its command skips TensorFlow's setup (seconds a run)
     comment: str = ""
     data_deps: tuple[str, ...] = ()  # deps that are not another stage's output (with their comment lines)
     also_runs: tuple[str, ...] = ()  # modules the command runs besides the stage's (their closure: code deps too)
@@ -68,13 +71,18 @@ class Stage:
     replaces_outputs: bool = True
 
     @property
-    def dvc_name(self) -> str:
-        return self.command.replace("-", "_")
+    def module(self) -> str:
+        return f"components.stages.{self.name}"
+
+    @property
+    def alias(self) -> str | None:
+        """The spelling with hyphens (`graftline train-head`), which the CLI also accepts; the docs use the name."""
+        return self.name.replace("_", "-") if "_" in self.name else None
 
     @property
     def journal(self) -> str:
         """Where a run lists the outputs it is putting in place, so that a run killed doing it is completed."""
-        return f"{CHECKPOINTS}/{self.dvc_name}-outputs.json"
+        return f"{CHECKPOINTS}/{self.name}-outputs.json"
 
     def staged_outputs(self) -> dict[str, str]:
         """The outputs replaced as one set: those DVC tracks (TensorBoard's logs are written in place)."""
@@ -85,38 +93,40 @@ TRAINING = ("train.device", "train.mixed_precision", "train.strategy")
 CHECKPOINTS = "data/checkpoints"  # what a killed run leaves for the next one (git-ignored, not a DVC output)
 PERSIST = (("persist", True),)
 
-STAGES: dict[str, Stage] = {s.command: s for s in (
-    Stage("download", "components.stages.download", {},
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("download", "data.url -> data.source when it lies in data/download/ (so DVC tracks a local archive)", {},
           {"folder": out("data/download", "outs", *PERSIST)},
-          ("data.source", "data.url", "data.sha256"), replaces_outputs=False,
+          ("data.source", "data.url", "data.sha256"), replaces_outputs=False, tensorflow=False,
           comment="data.url -> data.source when data.source lies in data/download/ (a URL cannot be a DVC dep "
                   "offline)."),
-    Stage("ingest", "components.stages.ingest",
+    Stage("ingest", "photos (folder or archive) -> TFRecord shards per split, labels.json, reports/ingest.json",
           {"downloads": untracked("data/download"), "extract_dir": untracked("data/raw")},
           {"examples": out("artifacts/examples"), "labels": out("artifacts/labels.json"),
            "report": out("reports/ingest.json", "outs", *NO_CACHE)},
-          ("data",),
+          ("data",), cpu_only=True, tensorflow=False,
           data_deps=("# the photos themselves: DVC hashes the folder or archive (its state cache skips unchanged "
                      "files)", "${data.source}", "# the photos left out (reports/audit.html says which to consider)",
                      "${data.exclude}")),
-    Stage("bottleneck", "components.stages.bottleneck", {"examples": dep("artifacts/examples")},
+    Stage("bottleneck", "TFRecords -> Parquet features of the frozen base (Apache Beam RunInference)",
+          {"examples": dep("artifacts/examples")},
           {"bottlenecks": out("artifacts/bottlenecks"), "report": out("reports/bottleneck.json", "outs", *NO_CACHE)},
-          ("base", "input_block.upsample", "bottleneck")),
-    Stage("audit", "components.stages.audit",
+          ("seed", "base", "input_block.upsample", "bottleneck")),  # seed: random weights (base.weights: none)
+    Stage("audit", "label issues, near-duplicates and outliers in the photos (cleanlab on the features): "
+                   "reports/audit.html",
           {"bottlenecks": dep("artifacts/bottlenecks"), "labels": dep("artifacts/labels.json"),
            "examples": dep("artifacts/examples")},
           {"report": out("reports/audit.json", "outs", *NO_CACHE),
            "html": out("reports/audit.html", "outs", *NO_CACHE,
                        comment="label issues, near-duplicates, outliers, with thumbnails")},
-          ("seed", "audit", "data.exclude")),
-    Stage("train-head", "components.stages.train_head",
+          ("seed", "audit", "data.exclude"), tensorflow=False),
+    Stage("train_head", "train the Dropout + Dense head on the cached features",
           {"bottlenecks": dep("artifacts/bottlenecks"), "labels": dep("artifacts/labels.json")},
           {"head": out("artifacts/head"), "report": out("reports/train_head.json", "outs", *NO_CACHE),
            "metrics": out("metrics/train_head.json", "metrics", *NO_CACHE),
            "plots": out("plots/train_head.csv", "plots", *NO_CACHE, ("x", "epoch")),
            "live": live("train_head"), "tensorboard": untracked("logs/train_head")},
-          ("seed", "train_head") + TRAINING),
-    Stage("fine-tune", "components.stages.fine_tune",
+          ("seed", "train_head") + TRAINING, trains=True),
+    Stage("fine_tune", "train base layers >= fine_tune_at with the head; export artifacts/model/",
           {"examples": dep("artifacts/examples"), "labels": dep("artifacts/labels.json"),
            "head": dep("artifacts/head"), "checkpoints": untracked(f"{CHECKPOINTS}/fine_tune")},
           {"model": out("artifacts/model"), "report": out("reports/fine_tune.json", "outs", *NO_CACHE),
@@ -126,10 +136,10 @@ STAGES: dict[str, Stage] = {s.command: s for s in (
            "curves": out("plots/learning_curves.png", "plots", *NO_CACHE),
            "tensorboard": untracked("logs/fine_tune")},
           ("seed", "fine_tune_at", "base", "input_block", "augment", "fine_tune", "export", "bottleneck.cache_dir")
-          + TRAINING),
+          + TRAINING, trains=True),
     # curves: shown on the evaluation page when there; no figure depends on them, and CI's gate
     # evaluates a model trained elsewhere, so they are not a DVC dep.
-    Stage("evaluate", "components.stages.evaluate",
+    Stage("evaluate", "test split: accuracy, per-class precision/recall/F1, confusion matrix",
           {"examples": dep("artifacts/examples"), "model": dep("artifacts/model"),
            "curves": untracked("plots/learning_curves.png")},
           {"report": out("reports/evaluate.json", "outs", *NO_CACHE),
@@ -139,7 +149,7 @@ STAGES: dict[str, Stage] = {s.command: s for s in (
            "confusion": out("plots/confusion.csv", "plots", *NO_CACHE, ("template", "confusion"), ("x", "actual"),
                             ("y", "predicted")),
            "confusion_png": out("plots/confusion.png", "plots", *NO_CACHE)},
-          ("params.yaml:",), also_runs=("pipeline.params",),
+          ("params.yaml:",), also_runs=("pipeline.params",), cpu_only=True,
           comment="params: all of params.yaml, which every stage's command validates before anything else. Every\n"
                   "change to it reaches this stage, so a misspelled key (dvc exp run -S +fine_tun_at=120) fails\n"
                   "the run in a second even when no stage's params changed. It reads evaluate.top_k, .mistakes\n"
@@ -227,7 +237,7 @@ def dvc_yaml() -> str:
     lines = [HEADER]
     for stage in STAGES.values():
         lines += [f"  # {line}" for line in stage.comment.splitlines()]
-        lines += [f"  {stage.dvc_name}:", f"    cmd: graftline {stage.command}", "    deps:"]
+        lines += [f"  {stage.name}:", f"    cmd: graftline {stage.name}", "    deps:"]
         lines += [f"      {d}" if d.startswith("#") else f"      - {d}" for d in stage.data_deps]
         lines += [f"      - {d.path}" for io in stage.inputs.values() for d in io.declared]
         lines += [f"      - {path}" for path in code_deps(stage.module, *stage.also_runs)]

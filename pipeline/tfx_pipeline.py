@@ -55,7 +55,7 @@ class Evaluation(Artifact):
     TYPE_NAME = "graftline.Evaluation"
 
 
-class Audit(Artifact):
+class AuditReport(Artifact):
     TYPE_NAME = "graftline.Audit"
 
 
@@ -79,9 +79,10 @@ def _call(stage: str, params_json: str, inputs: dict, outputs: dict) -> dict:
     # As pipeline/cli.py does, but without hiding GPUs: LocalDagRunner runs every component in one
     # process (run_local set its devices up for training), and compiled pipelines give GPUs to the
     # training components only (compile_spec).
-    runtime.configure_devices(stage, params, own_process=False)
+    table = stages.STAGES[stage]
+    runtime.configure_devices(table, params, own_process=False)
     runtime.configure(params.seed)
-    run = importlib.import_module(f"components.stages.{stage}").run
+    run = importlib.import_module(table.module).run
     return run(params, {k: Path(v) for k, v in inputs.items()}, {k: Path(v) for k, v in outputs.items()})
 
 
@@ -100,8 +101,8 @@ def Bottleneck(examples: InputArtifact[Examples], bottlenecks: OutputArtifact[Bo
 
 
 @component
-def AuditPhotos(examples: InputArtifact[Examples], bottlenecks: InputArtifact[Bottlenecks],
-                audit: OutputArtifact[Audit], params_json: Parameter[str]):
+def Audit(examples: InputArtifact[Examples], bottlenecks: InputArtifact[Bottlenecks],
+          audit: OutputArtifact[AuditReport], params_json: Parameter[str]):
     _call("audit", params_json, _inputs("audit", examples=examples.uri, labels=examples.uri,
                                         bottlenecks=bottlenecks.uri), _outputs("audit", audit.uri))
 
@@ -109,8 +110,8 @@ def AuditPhotos(examples: InputArtifact[Examples], bottlenecks: InputArtifact[Bo
 @component
 def TrainHead(examples: InputArtifact[Examples], bottlenecks: InputArtifact[Bottlenecks],
               head: OutputArtifact[Head], report: OutputArtifact[StageReport], params_json: Parameter[str]):
-    _call("train_head", params_json, _inputs("train-head", bottlenecks=bottlenecks.uri, labels=examples.uri),
-          _outputs("train-head", report.uri, head=head.uri))
+    _call("train_head", params_json, _inputs("train_head", bottlenecks=bottlenecks.uri, labels=examples.uri),
+          _outputs("train_head", report.uri, head=head.uri))
 
 
 @component
@@ -120,9 +121,9 @@ def FineTune(examples: InputArtifact[Examples], head: InputArtifact[Head], model
     # re-run of a killed execution (a new execution id) finds them.
     pipeline_root = model.uri.rstrip("/").rsplit("/", 3)[0]
     _call("fine_tune", params_json,
-          {**_inputs("fine-tune", examples=examples.uri, labels=examples.uri, head=head.uri),
+          {**_inputs("fine_tune", examples=examples.uri, labels=examples.uri, head=head.uri),
            "checkpoints": f"{pipeline_root}/checkpoints/fine_tune"},
-          _outputs("fine-tune", report.uri, model=model.uri))
+          _outputs("fine_tune", report.uri, model=model.uri))
 
 
 @component
@@ -143,7 +144,7 @@ def create_pipeline(params, pipeline_root: str, downloads: str, extract_dir: str
     params_json = json.dumps(params.to_dict(), sort_keys=True)
     ingest = Ingest(params_json=params_json, downloads=downloads, extract_dir=extract_dir)
     bottleneck = Bottleneck(examples=ingest.outputs["examples"], params_json=params_json)
-    audit = AuditPhotos(examples=ingest.outputs["examples"], bottlenecks=bottleneck.outputs["bottlenecks"],
+    audit = Audit(examples=ingest.outputs["examples"], bottlenecks=bottleneck.outputs["bottlenecks"],
                         params_json=params_json)
     train_head = TrainHead(examples=ingest.outputs["examples"], bottlenecks=bottleneck.outputs["bottlenecks"],
                            params_json=params_json)
@@ -167,7 +168,7 @@ def latest_artifacts(root: Path) -> dict[str, str]:
 
     store = metadata_store.MetadataStore(sqlite_metadata_connection_config(str((root / "metadata.sqlite").resolve())))
     latest = {}
-    for artifact_type in (Examples, Bottlenecks, Audit, Head, Model, Evaluation):
+    for artifact_type in (Examples, Bottlenecks, AuditReport, Head, Model, Evaluation):
         found = store.get_artifacts_by_type(artifact_type.TYPE_NAME)
         if found:
             latest[artifact_type.TYPE_NAME] = max(found, key=lambda a: a.id).uri
@@ -182,7 +183,7 @@ def run_local(params_path: str, root: Path) -> dict:
 
         raise GraftlineError("params: train.strategy = 'multi_worker' is not for tfx-run: LocalDagRunner runs all "
                              "five stages in one process; use auto here, or run the training stages on each worker "
-                             "with graftline train-head / fine-tune (see README, Scale-out)")
+                             "with graftline train_head / fine_tune (see docs/scale-out.md)")
     root.mkdir(parents=True, exist_ok=True)
     runtime.configure_training(params.train)  # one process for all five: set up for the training stages
     LocalDagRunner().run(create_pipeline(params, str((root / "pipeline").resolve()), str(Path(DOWNLOAD_DIR).resolve()),
@@ -201,13 +202,19 @@ PIPELINE_ROOTS = {
     "vertex": "gs://YOUR_BUCKET/graftline",  # Vertex needs a Cloud Storage folder of yours
     "kubeflow": "minio://mlpipeline/v2/artifacts/graftline",  # the bucket a Kubeflow install comes with
 }
-GPU_COMPONENTS = ("TrainHead", "FineTune")  # ingest, bottleneck and evaluate request no accelerator
+def component_name(stage: str) -> str:
+    """The TFX component of a stage: train_head -> TrainHead."""
+    return "".join(word.title() for word in stage.split("_"))
+
+
+GPU_COMPONENTS = tuple(component_name(name) for name, stage in stages.STAGES.items() if stage.trains)
 CONTAINER_EXTRACT_DIR = "/tmp/graftline/raw"  # inside a component's container (data.url still lands in data/download/)
 
 
 def _allow_compiling_without_tfma() -> None:
     """KubeflowV2's step builder isinstance-checks tfx.components.FileBasedExampleGen and InfraValidator,
-    which are None when TFMA is not installed (see ../shared/stack): stand-in classes no node is an instance of."""
+    which are None when TFMA is not installed (TFX goes in without its dependencies: pyproject.toml, tfx-sdk):
+    stand-in classes no node is an instance of."""
     import tfx.components
 
     for name in ("FileBasedExampleGen", "InfraValidator"):

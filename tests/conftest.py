@@ -48,6 +48,9 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         uses_pipeline = SESSION_PIPELINE & set(getattr(item, "fixturenames", ()))
         item.add_marker(pytest.mark.xdist_group("session-pipeline" if uses_pipeline else item.path.stem))
+        if uses_pipeline and not item.get_closest_marker("e2e"):  # else `make test-fast` would build the pipeline
+            raise pytest.UsageError(f"{item.nodeid} uses the session pipeline ({', '.join(sorted(uses_pipeline))}): "
+                                    "mark it @pytest.mark.e2e")
 
 
 def require_shared() -> None:
@@ -92,12 +95,13 @@ def write_untrained_head(head_dir: Path, labels: list[str]) -> None:
     """A head folder as train-head leaves it (components/head.py's files), its head over MobileNetV2's 1280
     features untrained: for tests of how fine-tune trains and writes, not of what it reaches."""
     from components import head as head_lib
+    from components import recipe
     from components.atomic import write_csv, write_json
 
     head_dir.mkdir(parents=True)
     head_lib.build_head(1280, len(labels), 0.2).save(head_dir / head_lib.HEAD_FILE)
     write_json(head_dir / head_lib.HEAD_INFO, {"labels": labels, "epochs_run": 1})
-    write_csv(head_dir / head_lib.HEAD_HISTORY, head_lib.CURVE_COLUMNS, [])
+    write_csv(head_dir / head_lib.HEAD_HISTORY, recipe.CURVE_COLUMNS, [])
 
 
 # The last stdout line of cli_probe when the command did not import TensorFlow.

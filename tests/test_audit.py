@@ -17,7 +17,6 @@ import yaml
 
 from conftest import FLOWERS, WEIGHTS_224, require_shared
 
-pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 FLIPS = 20
 RESIZED = "daisy/resized_copy.jpg"  # of ORIGINAL, at 70% of its size, re-encoded at quality 70
@@ -64,6 +63,7 @@ def audited(tmp_path_factory):
     return root, flipped, json.loads((root / "reports" / "audit.json").read_text())
 
 
+@pytest.mark.e2e
 def test_most_flipped_labels_are_among_the_first_40_label_issues(audited):
     _, flipped, audit = audited
     first = [issue["path"] for issue in audit["label_issues"][:40]]
@@ -79,6 +79,7 @@ def test_most_flipped_labels_are_among_the_first_40_label_issues(audited):
         assert issue["split"] in ("train", "val", "test")
 
 
+@pytest.mark.e2e
 def test_a_resized_re_encoded_copy_is_a_near_duplicate(audited):
     _, _, audit = audited
     pairs = {tuple(sorted(pair["paths"])): pair for pair in audit["near_duplicates"]}
@@ -91,6 +92,7 @@ def test_a_resized_re_encoded_copy_is_a_near_duplicate(audited):
     assert distances == sorted(distances) and pair["distance"] < 0.05
 
 
+@pytest.mark.e2e
 def test_the_page_lists_what_the_report_found(audited):
     root, _, audit = audited
     page = (root / "reports" / "audit.html").read_text()
@@ -99,6 +101,7 @@ def test_the_page_lists_what_the_report_found(audited):
                                           + 2 * min(30, len(audit["near_duplicates"])))
 
 
+@pytest.mark.e2e
 def test_excluding_photos_drops_exactly_those(audited, tmp_path):
     root, flipped, _ = audited
     project = tmp_path / "project"
@@ -121,6 +124,7 @@ def test_excluding_photos_drops_exactly_those(audited, tmp_path):
     assert old - keys == set(flipped[:3])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("audit, message", [
     ({"folds": 1}, "params: audit.folds = 1 is not allowed; expected an integer >= 2"),
     ({"folds": 90}, "params: audit.folds = 90 needs at least 90 photos in every class"),

@@ -27,7 +27,7 @@ from components.vector_cache import VectorCache
 from conftest import BIN, FLOWERS, copy_repo, keras_home_with_weights, project_env, require_shared, run
 from test_bottleneck import all_features as features_of
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 PHOTOS_PER_CLASS = 20
 PHOTOS = 5 * PHOTOS_PER_CLASS  # ../shared/data/flowers has five classes
 SHARD_SIZE = 8  # 100 photos -> about 13 shards: tasks for both workers

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import run
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 CHROMIUM = Path("/usr/bin/chromium")
 # As the machines here need (see the tool library's notes): no sandbox as root, no GPU, and none of

@@ -18,7 +18,7 @@ import yaml
 
 from conftest import Project, run
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def copy_project(project: Project, dest: Path) -> Path:

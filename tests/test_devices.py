@@ -21,7 +21,7 @@ from components import head as head_lib
 from components.errors import GraftlineError
 from conftest import REPO
 from pipeline import params as params_mod
-from pipeline import runtime
+from pipeline import runtime, stages
 from test_cli import assert_one_line_error, graftline, write_params
 from test_train_head import LABELS, make_bottlenecks
 
@@ -125,7 +125,7 @@ def test_cpu_device_trains_and_reports_where(tmp_path):
     (tmp_path / "labels.json").write_text(json.dumps(LABELS))
     outputs = {"head": tmp_path / "head", "metrics": tmp_path / "metrics.json", "plots": tmp_path / "curve.csv",
                "report": tmp_path / "report.json"}
-    runtime.configure_devices("train_head", p)  # as both adapters do
+    runtime.configure_devices(stages.STAGES["train_head"], p)  # as both adapters do
     runtime.configure(p.seed)
     train_head.run(p, {"bottlenecks": bottlenecks, "labels": tmp_path / "labels.json"}, outputs)
     report = json.loads(outputs["report"].read_text())
@@ -154,7 +154,7 @@ TWO_REPLICAS = textwrap.dedent("""
     from components.stages import evaluate, fine_tune, train_head
     from conftest import write_untrained_head
     from drawing import encode, pixels
-    from pipeline import params as params_mod, runtime
+    from pipeline import params as params_mod, runtime, stages
     from test_train_head import LABELS, make_bottlenecks
 
     work = Path(sys.argv[1])
@@ -166,7 +166,7 @@ TWO_REPLICAS = textwrap.dedent("""
         "fine_tune": {"epochs": 1, "batch_size": 4}, "export": {"tflite": []}})
     out = {}
 
-    runtime.configure_devices("train_head", p)
+    runtime.configure_devices(stages.STAGES["train_head"], p)
     runtime.configure(p.seed)
     (work / "labels.json").write_text(json.dumps(LABELS))
     head_out = {"head": work / "head", "metrics": work / "head.json", "plots": work / "head.csv",
@@ -188,7 +188,7 @@ TWO_REPLICAS = textwrap.dedent("""
     (work / "labels2.json").write_text(json.dumps(names))
     head_dir = work / "head2"
     write_untrained_head(head_dir, names)
-    runtime.configure_devices("fine_tune", p)
+    runtime.configure_devices(stages.STAGES["fine_tune"], p)
     runtime.configure(p.seed)
     ft_out = {"model": work / "model", "metrics": work / "ft.json", "plots": work / "ft.csv",
               "curves": work / "curves.png", "report": work / "ft-report.json"}
@@ -198,7 +198,7 @@ TWO_REPLICAS = textwrap.dedent("""
     model = keras.saving.load_model(work / "model" / export.MODEL_FILE)
     out["model_output_dtype"] = str(model(np.zeros((1, 32, 32, 3), np.float32)).dtype.name)
 
-    runtime.configure_devices("evaluate", p, own_process=False)
+    runtime.configure_devices(stages.STAGES["evaluate"], p, own_process=False)
     runtime.configure(p.seed)
     ev_out = {"metrics": work / "ev.json", "confusion": work / "confusion.csv",
               "confusion_png": work / "confusion.png", "report": work / "ev-report.json", "html": work / "ev.html"}
@@ -220,6 +220,7 @@ def two_replicas(tmp_path_factory) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.e2e
 def test_several_devices_mirror_the_head_with_a_global_batch(two_replicas):
     report = two_replicas["head_report"]
     assert report["strategy"] == "MirroredStrategy" and report["replicas"] == 2
@@ -231,6 +232,7 @@ def test_several_devices_mirror_the_head_with_a_global_batch(two_replicas):
     assert two_replicas["head_metrics"]["val_accuracy"] >= 0.9
 
 
+@pytest.mark.e2e
 def test_several_devices_fine_tune_exports_a_float32_output(two_replicas):
     report = two_replicas["fine_tune_report"]
     assert report["strategy"] == "MirroredStrategy" and report["replicas"] == 2

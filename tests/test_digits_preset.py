@@ -10,7 +10,7 @@ import pytest
 
 from conftest import copy_repo, project_env
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def graftline(args: list[str], cwd: Path, env: dict) -> str:

@@ -18,7 +18,7 @@ import yaml
 
 from conftest import FLOWERS, SHARED, copy_repo, require_shared, run, small_dvc_project
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 WEIGHTS_035 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 CLASSES = ("daisy", "roses", "tulips")

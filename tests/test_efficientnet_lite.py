@@ -180,6 +180,7 @@ def lite_tfx_run(tmp_path_factory):
             "artifacts": {k: Path(v) for k, v in latest["artifacts"].items()}}
 
 
+@pytest.mark.e2e
 def test_lite0_tfx_run_caches_by_base_and_fine_tunes_from_activations(lite_tfx_run):
     converted = lite_tfx_run["keras_home"] / "models" / "efficientnet_lite0_imagenet.weights.h5"
     assert converted.is_file()
@@ -196,6 +197,7 @@ def test_lite0_tfx_run_caches_by_base_and_fine_tunes_from_activations(lite_tfx_r
     assert lite_tfx_run["latest"]["evaluate"]["accuracy"] >= 0.5, lite_tfx_run["latest"]["evaluate"]
 
 
+@pytest.mark.e2e
 def test_predict_with_the_lite0_model_agrees_with_its_evaluation(lite_tfx_run):
     from components import records
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import run
 from test_ci_evaluate import copy_project
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 SWEEP = (110, 130)  # fine_tune_at values; MobileNetV2 has 155 layers
 DEADLINE_S = 240

@@ -84,7 +84,7 @@ def kill_when(proc: subprocess.Popen, ready, sig: int, deadline_s: float = 300) 
 # ------------------------------------------------------------------ 1. a misspelled key
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_an_unknown_key_fails_the_next_dvc_repro_when_no_stage_changed(project, tmp_path):
     from test_ci_evaluate import copy_project
 
@@ -121,7 +121,7 @@ def ingested(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["KILL", "TERM", "INT"])
 def test_a_killed_bottleneck_leaves_nothing_the_next_run_does_not_remove(ingested, tmp_path, sig):
     import shutil
@@ -145,7 +145,7 @@ def test_a_killed_bottleneck_leaves_nothing_the_next_run_does_not_remove(ingeste
     assert hidden_leftovers(root) == [] and (root / "artifacts" / "bottlenecks" / "manifest.json").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_fine_tune_killed_during_its_export_leaves_nothing_the_next_run_does_not_remove(tmp_path, monkeypatch):
     root = small_project(tmp_path)
     from pipeline.cli import run_stage
@@ -164,7 +164,6 @@ def test_a_fine_tune_killed_during_its_export_leaves_nothing_the_next_run_does_n
     assert hidden_leftovers(root) == [] and (root / "artifacts" / "model" / "saved_model").is_dir()
 
 
-@pytest.mark.slow
 def test_sigterm_during_ingest_is_one_line_and_leaves_nothing(tmp_path):
     root = small_project(tmp_path)
     make_class_tree(root / "photos", {"cats": 400}, size=(160, 160), start=100)  # enough to be caught mid-way
@@ -290,7 +289,7 @@ def test_an_unknown_host_says_no_network_or_no_such_host(tmp_path, no_proxy):
 # ------------------------------------------------------------------ 6. predict with nothing to predict
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_predict_with_nothing_to_predict_is_non_zero_with_the_reason(project, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not a photo\n")

@@ -77,7 +77,6 @@ def test_a_class_folder_of_unreadable_files_is_not_empty_but_an_error(tmp_path):
         run_ingest(make_params(tree), tmp_path)
 
 
-@pytest.mark.slow
 def test_dvc_and_ingest_agree_on_an_empty_class_folder(tmp_path):
     """Real `dvc` in a temporary git repo: an empty folder added, `dvc status` finds ingest up to date, and
     `graftline ingest` run anyway writes the same labels and examples (and notes the folder)."""

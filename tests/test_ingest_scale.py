@@ -7,10 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
-
-pytestmark = pytest.mark.slow
 
 DRIVER = """
 import json, resource, sys

@@ -140,6 +140,7 @@ def changed(root: Path, env: dict) -> set[str]:
     return set(json.loads(dvc(["status", "--json"], root, env).stdout))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("setting", ["fine_tune_at=abc", "train_head.epochs=0"])
 def test_a_failed_experiment_keeps_every_output_and_params_come_back_from_git(good, setting):
     root, env, _ = good
@@ -170,6 +171,7 @@ def figures(root: Path) -> dict:
                                                          "plots/fine_tune.csv", "dvclive/fine_tune/metrics.json")}
 
 
+@pytest.mark.e2e
 def test_a_fine_tune_killed_during_export_resumes_in_one_repro_to_the_uninterrupted_result(good):
     root, env, logs = good
     params = yaml.safe_load((root / "params.yaml").read_text())

@@ -205,7 +205,6 @@ def files_under(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
-@pytest.mark.slow
 def test_two_workers_fine_tune_and_only_the_chief_writes(tmp_path):
     # One folder per worker, as on two machines; each holds the same inputs.
     roots = [tmp_path / "worker0", tmp_path / "worker1"]

@@ -20,7 +20,7 @@ import yaml
 from components import features, records
 from conftest import FLOWERS, REPO, run
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 PATIENCE = 2  # fine_tune.early_stopping_patience

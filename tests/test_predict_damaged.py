@@ -1,5 +1,5 @@
 """`graftline predict --model DIR` on a damaged or incomplete model folder: exit 2 with one line naming the
-folder and what is wrong, never a traceback (issue 24, item 3).
+folder and what is wrong, never a traceback.
 
 Each test copies the session pipeline's exported model (conftest's ``project``: the real `dvc repro`) and
 damages the copy in one way; the first test shows that the undamaged copy predicts, so each failure below
@@ -16,7 +16,7 @@ import pytest
 
 from conftest import FLOWERS
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 SHARDS = "saved_model/variables/variables.data-*"
 # DVC asks before it overwrites a changed file (and a run without a terminal stops there): --force.

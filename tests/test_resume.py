@@ -17,7 +17,7 @@ import yaml
 
 from drawing import make_class_tree
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 
 

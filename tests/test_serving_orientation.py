@@ -1,5 +1,5 @@
 """A phone photo with EXIF orientation 6 through `graftline predict` and through the exported `serve`
-signature (issue 24, item 7).
+signature.
 
 What holds, and is pinned here: `serve` decodes with tf.io.decode_image, which does not read EXIF, so it
 expects upright pixels (components/export.py's docstring and the MODEL_CARD.md that export writes say so);
@@ -17,7 +17,7 @@ import pytest
 
 from conftest import FLOWERS
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 # A real photo whose answer changes a lot when it lies on its side (0.14 to 0.46 in one probability, in the
 # default pipeline's models so far); the skew asserted below is 0.01, ten times the agreement's tolerance.

@@ -43,13 +43,27 @@ def test_code_deps_are_the_import_closure_lazy_imports_included():
     assert "components/report.py" in stages.code_deps("components.stages.evaluate")
 
 
-def test_the_cli_runs_each_stage_with_the_tables_paths():
-    for command, stage in stages.STAGES.items():
-        module, inputs, outputs = cli.STAGES[command]
-        assert module == stage.module and inputs == stages.paths(stage.inputs)
-        assert outputs == stages.paths(stage.outputs)
+def test_one_name_per_stage_from_the_table():
+    lock = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert list(lock) == list(stages.STAGES)  # dvc.yaml's stage names are the table's
+    parser = cli.build_parser()
+    for name, stage in stages.STAGES.items():
+        assert lock[name]["cmd"] == f"graftline {name}" and stage.module == f"components.stages.{name}"
+        assert (ROOT / "components" / "stages" / f"{name}.py").is_file()
+        # the CLI answers to the name, and to the hyphenated spelling, with the same stage
+        for spelling in filter(None, (name, stage.alias)):
+            args = parser.parse_args([spelling])
+            assert args.run.__defaults__ == (name,), spelling
+    assert {n for n, s in stages.STAGES.items() if s.trains} == {"train_head", "fine_tune"}
     # what DVC does not track is what the CLI lets be missing
     assert cli.OPTIONAL_INPUTS == {"downloads", "extract_dir", "checkpoints", "curves"}
+
+
+def test_no_import_cycle_between_library_modules():
+    library = {m for m in MODULES if m.startswith("components") and m not in STAGE_MODULES}
+    cycles = {m: sorted(o for o in stages.imports(m, MODULES) & library if m in stages.closure(o, MODULES))
+              for m in library}
+    assert not {m: c for m, c in cycles.items() if c}, cycles
 
 
 def test_these_checks_need_neither_tensorflow_nor_beam():

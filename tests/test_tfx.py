@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def load(path: Path):
@@ -46,7 +46,7 @@ def test_tfx_lineage_is_recorded_in_sqlite_mlmd(tfx_run):
     types = {store.get_execution_types_by_id([e.type_id])[0].name for e in executions}
     assert {"pipeline.tfx_pipeline.Ingest", "pipeline.tfx_pipeline.Bottleneck", "pipeline.tfx_pipeline.TrainHead",
             "pipeline.tfx_pipeline.FineTune", "pipeline.tfx_pipeline.Evaluate",
-            "pipeline.tfx_pipeline.AuditPhotos"} <= types, types
+            "pipeline.tfx_pipeline.Audit"} <= types, types
     # The model was made from the head, which was made from the features: lineage edges exist.
     model = store.get_artifacts_by_type("graftline.Model")[-1]
     producing = [e for e in store.get_events_by_artifact_ids([model.id]) if e.type == e.OUTPUT]

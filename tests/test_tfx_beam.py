@@ -12,12 +12,8 @@ import json
 import tempfile
 from pathlib import Path
 
-import pytest
-
 from components import beam_runners
 from pipeline import params as params_mod
-
-pytestmark = pytest.mark.slow
 
 
 def params(**bottleneck):

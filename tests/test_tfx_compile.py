@@ -9,7 +9,7 @@ import pytest
 from test_cli import assert_one_line_error, graftline, write_params
 
 IMAGE = "registry.example.org/team/graftline:1.2.3"
-COMPONENTS = {"Ingest", "Bottleneck", "AuditPhotos", "TrainHead", "FineTune", "Evaluate"}
+COMPONENTS = {"Ingest", "Bottleneck", "Audit", "TrainHead", "FineTune", "Evaluate"}  # one per stage but download
 
 
 @pytest.fixture(scope="module")

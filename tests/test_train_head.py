@@ -13,6 +13,7 @@ import pytest
 from components import features
 from components.stages import train_head
 from components import head as head_lib
+from components import recipe
 from components.errors import GraftlineError
 from pipeline import params as params_mod
 from pipeline import runtime
@@ -115,7 +116,7 @@ def test_curve_has_one_row_per_epoch_and_best_row_matches_metrics(separable):
     *_, p, _, outputs = separable
     metrics = json.loads(outputs["metrics"].read_text())
     rows = read_curve(outputs["plots"])
-    assert list(rows[0]) == list(head_lib.CURVE_COLUMNS)
+    assert list(rows[0]) == list(recipe.CURVE_COLUMNS)
     assert len(rows) == metrics["epochs_run"]
     assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
     best = rows[metrics["best_epoch"] - 1]
@@ -247,14 +248,14 @@ def test_the_rate_schedule_sets_each_epochs_rate_and_a_resumed_fit_continues_it(
     def rates_seen(initial_epoch, epochs):
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
-        model.compile(head_lib.make_optimizer("adam", 0.01), "sparse_categorical_crossentropy")
+        model.compile(recipe.make_optimizer("adam", 0.01), "sparse_categorical_crossentropy")
         seen = []
         probe = keras.callbacks.LambdaCallback(
             on_epoch_begin=lambda epoch, logs: seen.append(float(model.optimizer.learning_rate.numpy())))
         x, y = np.ones((8, 3), np.float32), np.zeros(8, np.int64)
         # the probe runs after the schedule's callback: it sees the rate the epoch trains at
         model.fit(x, y, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
-                  callbacks=head_lib.rate_schedule(schedule, 0.01, 4) + [probe])
+                  callbacks=recipe.rate_schedule(schedule, 0.01, 4) + [probe])
         return seen
 
     full = rates_seen(0, 4)

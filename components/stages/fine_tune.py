@@ -1,7 +1,7 @@
 """Stage 4, fine-tune: base + the trained head, base layers from ``fine_tune_at`` up trainable.
 
-The full model is ``[0, 255] RGB -> preprocessing -> base (BatchNorm always in
-inference mode) -> head``. By default it trains from cached activations
+The full model is ``[0, 255] RGB -> preprocessing -> base (a pretrained base's
+BatchNorm in inference mode) -> head``. By default it trains from cached activations
 (components/activations.py): the frozen layers run once per photo and view
 (the photo and its mirror), and each epoch trains only the layers from the cut
 up and the head, on those activations mixed up in pairs (augment.mixup).
@@ -40,8 +40,9 @@ from components.fetch import sha256_of
 from components.errors import GraftlineError
 from components.vector_cache import VectorCache
 from components.datasets import augmenter, image_dataset, split_batch_size
-from components.head import (CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, best_row, curve_row,
-                             early_stopping, keras_verbosity, make_optimizer, rate_schedule, scheduled_rate)
+from components.head import HEAD_FILE, HEAD_HISTORY, HEAD_INFO
+from components.recipe import (CURVE_COLUMNS, best_row, curve_row, early_stopping, keras_verbosity, make_optimizer,
+                               rate_schedule, scheduled_rate)
 
 # Test photos the TFLite models are compared with Keras on, one at a time: enough to catch a broken
 # conversion. Each costs about 23 ms of Keras and 13 ms of TFLite (MobileNetV2 at 160 px, with the flip).
@@ -81,10 +82,11 @@ def build_classifier(params, head):
     base.trainable = at != -1
     for layer in base.layers[: max(at, 0)]:
         layer.trainable = False
-    # BatchNorm stays in inference mode: in Keras 3, fit's training=True overrides the
-    # training=False the base is called with (keras-team/keras#20285), and only a frozen
-    # BatchNormalization layer keeps its moving statistics fixed.
-    for layer in base_models.all_layers(base):
+    # A pretrained base's BatchNorm stays in inference mode: in Keras 3, fit's training=True overrides
+    # the training=False the base is called with (keras-team/keras#20285), and only a frozen
+    # BatchNormalization layer keeps its moving statistics fixed. From random weights (base.weights:
+    # none, AlexNet's preset) there are no statistics to keep: BatchNorm learns with the rest.
+    for layer in base_models.all_layers(base) if b.weights != "none" else ():
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
     inputs = keras.Input((b.image_size, b.image_size, 3), name="image")
@@ -179,7 +181,8 @@ def load_checkpoint_model(folder: Path):
 def run_fingerprint(params, head_dir: Path, examples: Path) -> str:
     """What a checkpoint must match to be resumed: the stage's params, the head, the photos' shards."""
     relevant = {k: params.to_dict()[k] for k in ("seed", "fine_tune_at", "base", "input_block", "augment",
-                                                  "fine_tune", "train")}
+                                                  "fine_tune")}
+    relevant["train"] = {k: getattr(params.train, k) for k in ("device", "mixed_precision", "strategy")}
     shards = sorted((p.name, p.stat().st_size) for p in Path(examples).glob("*.tfrecord.gz"))
     blob = json.dumps([relevant, sha256_of(head_dir / HEAD_FILE), shards], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -236,65 +239,106 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         return train_and_save(params, inputs, written, strategy)
 
 
+@dataclass
+class Run:
+    """What the steps of one fine-tune share: its inputs read and checked, and where training stands."""
+    labels: list
+    head_dir: Path
+    examples: Path
+    first_epoch: int  # the first fine-tune epoch's number: the curves go on from the head's
+    placement: dict
+    batch_size: dict
+    fingerprint: str
+    progress: Progress
+    resumed_after: int
+
+
+@dataclass
+class Trained:
+    """The model that is exported, its base, and the figures of the epoch whose weights it holds."""
+    model: object
+    base: object
+    final: dict  # accuracy, loss, val_accuracy, val_loss
+    best_epoch: int | None = None  # None: no epoch trained, or none beat base + head as train-head left them
+    report: dict = field(default_factory=dict)
+
+
 def train_and_save(params, inputs: dict, outputs: dict, strategy) -> dict:
     """run's work in the given strategy; checkpoints are read from inputs and written to outputs["checkpoints"]."""
     started = time.time()
-    f = params.fine_tune
+    state = prepare(params, inputs, strategy)
+    trained = train(params, state, training_callbacks(params, outputs, state), strategy)
+    trained_at = time.time()
+    metrics, report = save(params, state, trained, outputs)
+    report.update(wall_time_s=round(time.time() - started, 2), train_s=round(trained_at - started, 2),
+                  export_s=round(time.time() - trained_at, 2))
+    write_json(Path(outputs["report"]), report)
+    shutil.rmtree(outputs["checkpoints"], ignore_errors=True)  # done: nothing left to resume
+    return {**metrics, **report}
+
+
+def prepare(params, inputs: dict, strategy) -> Run:
+    """The inputs read and checked, batch sizes for this placement, and where a killed run left off."""
     labels = read_json(Path(inputs["labels"]))
     head_dir, examples = Path(inputs["head"]), Path(inputs["examples"])
     head_info = read_json(head_dir / HEAD_INFO)
     if head_info["labels"] != labels:
-        raise GraftlineError(f"{head_dir} was trained on classes {head_info['labels']}, not {labels}; re-run train-head")
-    placement = devices.placement(strategy, f.batch_size)
+        raise GraftlineError(f"{head_dir} was trained on classes {head_info['labels']}, not {labels}; re-run train_head")
+    placement = devices.placement(strategy, params.fine_tune.batch_size)
     batch_size = {split: split_batch_size(examples, split, placement) for split in ("train", "val")}
     fingerprint = run_fingerprint(params, head_dir, examples)
     progress = resume_point(params, Path(inputs["checkpoints"]), fingerprint, strategy)
-    resumed_after = len(progress.rows)
-    first_epoch = head_info["epochs_run"] + 1
-    stopper = None
-    callbacks = callbacks_mod.tensorboard(outputs, resumed=bool(resumed_after))
-    if not progress.finished(f.epochs):
-        # Before the loggers: the schedule puts each epoch's rate into the logs they write.
-        callbacks = rate_schedule(f.schedule, f.learning_rate, f.epochs) + callbacks
-        stoppers = early_stopping(f.early_stopping_patience, progress.early_stopping, progress.best_weights())
-        stopper = stoppers[0] if stoppers else None
-        callbacks += stoppers + [checkpoint_callback(Path(outputs["checkpoints"]), fingerprint, progress,
-                                                     first_epoch, stopper)]
+    return Run(labels, head_dir, examples, head_info["epochs_run"] + 1, placement, batch_size, fingerprint, progress,
+               len(progress.rows))
 
-    # Train: from cached activations of the frozen part, or on the images every epoch.
-    if f.epochs > 0 and uses_activations(params):
-        model, base, trained = fit_on_activations(params, head_dir, examples, labels, progress, batch_size, callbacks,
-                                                  strategy)
-    elif f.epochs > 0:
-        model, base, trained = fit_on_images(params, head_dir, examples, progress, batch_size, callbacks, strategy)
-    else:  # nothing trained: report what base + head score as they are
-        model, base = build_classifier(params, load_head(head_dir))
-        trained = {"final": evaluate_as_is(model, examples, params.base.image_size, batch_size)}
-    trained_at = time.time()
 
-    # Export (with the test-time flip when augment.tta is on), curves, DVCLive's files, metrics, report.
-    served = images.with_flip_averaged(model) if params.augment.tta == "flip" else model
+def training_callbacks(params, outputs: dict, state: Run) -> list:
+    """TensorBoard's; and while epochs remain, the schedule, early stopping (resumed) and the epoch checkpoint."""
+    f, progress = params.fine_tune, state.progress
+    callbacks = callbacks_mod.tensorboard(outputs, resumed=bool(state.resumed_after))
+    if progress.finished(f.epochs):
+        return callbacks
+    stoppers = early_stopping(f.early_stopping_patience, progress.early_stopping, progress.best_weights())
+    checkpoint = checkpoint_callback(Path(outputs["checkpoints"]), state.fingerprint, progress, state.first_epoch,
+                                     stoppers[0] if stoppers else None)
+    # The schedule first: it puts each epoch's rate into the logs the others see; the checkpoint after early
+    # stopping, whose state it saves.
+    return rate_schedule(f.schedule, f.learning_rate, f.epochs) + callbacks + stoppers + [checkpoint]
+
+
+def train(params, state: Run, callbacks: list, strategy) -> Trained:
+    """From cached activations of the frozen part, or on the images every epoch; or, with no epochs, base + head
+    as they are, scored."""
+    if params.fine_tune.epochs > 0 and uses_activations(params):
+        return fit_on_activations(params, state, callbacks, strategy)
+    if params.fine_tune.epochs > 0:
+        return fit_on_images(params, state, callbacks, strategy)
+    model, base = build_classifier(params, load_head(state.head_dir))
+    return Trained(model, base, evaluate_as_is(model, state.examples, params.base.image_size, state.batch_size))
+
+
+def save(params, state: Run, trained: Trained, outputs: dict) -> tuple[dict, dict]:
+    """Export (with the test-time flip when augment.tta is on), curves, DVCLive's files, metrics; (metrics,
+    the report so far)."""
+    f, rows, size = params.fine_tune, state.progress.rows, params.base.image_size
+    served = images.with_flip_averaged(trained.model) if params.augment.tta == "flip" else trained.model
     with atomic_dir(Path(outputs["model"])) as tmp:
-        photos = check_images(examples, params.base.image_size, TFLITE_CHECK_MAX) if params.export.tflite else None
-        exported = export.export(served, labels, params.base.image_size, tmp, photos, params.export.tflite)
-    rows = progress.rows
+        photos = check_images(state.examples, size, TFLITE_CHECK_MAX) if params.export.tflite else None
+        exported = export.export(served, state.labels, size, tmp, photos, params.export.tflite)
     write_csv(Path(outputs["plots"]), CURVE_COLUMNS, rows)
-    plots.learning_curves(joined_curve(head_dir, rows), first_epoch if rows else None, Path(outputs["curves"]))
-    callbacks_mod.write_live(outputs, progress.logs)
-    metrics = fine_tune_metrics(params, model, base, trained, exported, len(rows))
+    plots.learning_curves(joined_curve(state.head_dir, rows), state.first_epoch if rows else None,
+                          Path(outputs["curves"]))
+    callbacks_mod.write_live(outputs, state.progress.logs)
+    metrics = fine_tune_metrics(params, trained, exported, len(rows))
     write_json(Path(outputs["metrics"]), metrics)
-    report = {"wall_time_s": round(time.time() - started, 2), "train_s": round(trained_at - started, 2),
-              "export_s": round(time.time() - trained_at, 2), **placement, "batch_sizes": batch_size,
-              "trained_from": "activations" if uses_activations(params) else "images", **trained.get("report", {}),
-              "base_layers": len(base.layers), "trainable_weights": len(model.trainable_weights),
-              "resumed_after_epoch": resumed_after, "test_time_augmentation": params.augment.tta,
+    report = {**state.placement, "batch_sizes": state.batch_size,
+              "trained_from": "activations" if uses_activations(params) else "images", **trained.report,
+              "base_layers": len(trained.base.layers), "trainable_weights": len(trained.model.trainable_weights),
+              "resumed_after_epoch": state.resumed_after, "test_time_augmentation": params.augment.tta,
               "learning_rate": {"schedule": f.schedule, "per_epoch": [  # what rate_schedule set each epoch
-                  float(f"{scheduled_rate(f.schedule, f.learning_rate, e, f.epochs):.9g}")
-                  for e in range(len(rows))]},
+                  float(f"{scheduled_rate(f.schedule, f.learning_rate, e, f.epochs):.9g}") for e in range(len(rows))]},
               "tflite": exported}
-    write_json(Path(outputs["report"]), report)
-    shutil.rmtree(outputs["checkpoints"], ignore_errors=True)  # done: nothing left to resume
-    return {**metrics, **report}
+    return metrics, report
 
 
 def resume_point(params, checkpoints: Path, fingerprint: str, strategy) -> Progress:
@@ -320,11 +364,11 @@ def load_head(head_dir: Path):
     return keras.saving.load_model(head_dir / HEAD_FILE)
 
 
-def chosen_epoch(params, progress: Progress) -> dict:
+def chosen_epoch(params, progress: Progress) -> tuple[dict, int]:
     """The figures and number of the epoch whose weights are kept: the best val loss of all epochs run, this
     run's and a killed run's alike (early stopping restores it), or the last without early stopping."""
     chosen = best_row(progress.rows, params.fine_tune.early_stopping_patience)
-    return {"final": dict(zip(CURVE_COLUMNS[1:], chosen[1:])), "best_epoch": chosen[0]}
+    return dict(zip(CURVE_COLUMNS[1:], chosen[1:])), chosen[0]
 
 
 def evaluate_as_is(model, examples: Path, size: int, batch_size: dict) -> dict:
@@ -336,94 +380,96 @@ def evaluate_as_is(model, examples: Path, size: int, batch_size: dict) -> dict:
     return figures
 
 
-def fine_tune_metrics(params, model, base, trained: dict, exported: dict, epochs_run: int) -> dict:
+def fine_tune_metrics(params, trained: Trained, exported: dict, epochs_run: int) -> dict:
     import keras
 
+    base = trained.base
     n_open = unfrozen_layers(params, base)
     opened = base.layers[len(base.layers) - n_open:] if n_open else []
-    metrics = {k: round(float(v), 6) for k, v in trained["final"].items()}
+    metrics = {k: round(float(v), 6) for k, v in trained.final.items()}
     metrics.update({"epochs": params.fine_tune.epochs, "epochs_run": epochs_run,
-                    "best_epoch": trained.get("best_epoch"), "fine_tune_at": params.fine_tune_at,
+                    "best_epoch": trained.best_epoch, "fine_tune_at": params.fine_tune_at,
                     "trainable_base_layers": len(opened),
-                    "frozen_batchnorm_layers": sum(isinstance(l, keras.layers.BatchNormalization) for l in opened)})
+                    "frozen_batchnorm_layers": sum(isinstance(l, keras.layers.BatchNormalization) and not l.trainable
+                                                   for l in opened)})
     metrics.update({f"tflite_{kind}_top1_agreement": e["top1_agreement"]
                     for kind, e in exported.items() if "top1_agreement" in e})
     return metrics
 
 
-def fit_on_images(params, head_dir: Path, examples: Path, progress: Progress, batch_size: dict, callbacks: list,
-                  strategy):
-    """Fine-tune on the decoded images every epoch (image-space augmentation or input noise is on);
-    returns (classifier, base, {final, best_epoch})."""
-    import keras
-
-    f, size = params.fine_tune, params.base.image_size
+def fit_on_images(params, state: Run, callbacks: list, strategy) -> Trained:
+    """Fine-tune on the decoded images every epoch (image-space augmentation or input noise is on)."""
+    f, size, progress = params.fine_tune, params.base.image_size, state.progress
     # Every variable is made in the strategy's scope, so it is mirrored on each GPU.
     with strategy.scope():
         if progress.folder:  # weights and optimizer state as the last complete epoch left them
             model = load_checkpoint_model(progress.folder)
             base = base_models.base_of(model.get_layer("feature_extractor"))
         else:
-            model, base = build_classifier(params, load_head(head_dir))
+            model, base = build_classifier(params, load_head(state.head_dir))
             model.compile(optimizer=make_optimizer(f.optimizer, f.learning_rate),
                           loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     if not progress.finished(f.epochs):
-        train = image_dataset(examples, "train", size, batch_size["train"], shuffle_seed=params.seed,
+        train = image_dataset(state.examples, "train", size, state.batch_size["train"], shuffle_seed=params.seed,
                               augment=augmenter(params))
-        val = image_dataset(examples, "val", size, batch_size["val"])
+        val = image_dataset(state.examples, "val", size, state.batch_size["val"])
         model.fit(train, validation_data=val, epochs=f.epochs, initial_epoch=len(progress.rows),
                   shuffle=False, callbacks=callbacks, verbose=keras_verbosity())  # shuffled above, by seed
     elif progress.best_weights() is not None:  # finished before a kill: early stopping's choice, as it restored it
         model.set_weights(progress.best_weights())
-    return model, base, chosen_epoch(params, progress)
+    return Trained(model, base, *chosen_epoch(params, progress))
 
 
-def fit_on_activations(params, head_dir: Path, examples: Path, labels: list, progress: Progress, batch_size: dict,
-                       callbacks: list, strategy):
-    """Fine-tune from cached activations of the frozen part; returns (classifier, base, {final, best_epoch, report}).
-
-    The frozen part runs once per photo and view (cached across runs), then every epoch
-    trains only the layers from the cut up, and the head, on those activations.
-    """
+def fit_on_activations(params, state: Run, callbacks: list, strategy) -> Trained:
+    """Fine-tune from cached activations of the frozen part: it runs once per photo and view (cached across
+    runs), then every epoch trains only the layers from the cut up, and the head, on those activations."""
     import keras
 
-    f = params.fine_tune
+    f, progress, classes = params.fine_tune, state.progress, len(state.labels)
     with strategy.scope():
-        classifier, base = build_classifier(params, load_head(head_dir))
-    extractor = classifier.get_layer("feature_extractor")
-    front, top, cut = activations.split(extractor, fine_tune_index(params, base))
+        classifier, base = build_classifier(params, load_head(state.head_dir))
+    front, top, cut = activations.split(classifier.get_layer("feature_extractor"), fine_tune_index(params, base))
     (acts, labels_train), (val_acts, labels_val), report = activations_of(params, front, base.layers[cut - 1].name,
-                                                                          cut, examples)
-    with strategy.scope():
-        inputs = keras.Input(acts.shape[2:], name="activation")
-        start_model = keras.Model(inputs, classifier.get_layer("head")(top(inputs, training=False)), name="top")
-        start_model.compile(optimizer=make_optimizer(f.optimizer, f.learning_rate), loss="categorical_crossentropy",
-                            metrics=["accuracy"])
-        # The layers are the classifier's: training start_model trains what is exported.
-        trained = load_checkpoint_model(progress.folder) if progress.folder else start_model
-    val = (val_acts[:, 0].astype("float32"), keras.utils.to_categorical(labels_val, len(labels)))
-    start = dict(zip(("val_loss", "val_accuracy"), start_model.evaluate(*val, batch_size=batch_size["val"], verbose=0)))
+                                                                          cut, state.examples)
+    start_model, trained = top_models(params, classifier, top, acts.shape[2:], progress, strategy)
+    val = (val_acts[:, 0].astype("float32"), keras.utils.to_categorical(labels_val, classes))
+    start = dict(zip(("val_loss", "val_accuracy"), start_model.evaluate(*val, batch_size=state.batch_size["val"],
+                                                                        verbose=0)))
     start_weights = start_model.get_weights()
     if not progress.finished(f.epochs):
-        train = activations.batches(acts, labels_train, len(labels), batch_size["train"], params.seed,
+        train = activations.batches(acts, labels_train, classes, state.batch_size["train"], params.seed,
                                     params.augment.mixup)
         trained.fit(train.from_epoch(len(progress.rows)), steps_per_epoch=len(train), validation_data=val,
-                    validation_batch_size=batch_size["val"], epochs=f.epochs, initial_epoch=len(progress.rows),
+                    validation_batch_size=state.batch_size["val"], epochs=f.epochs, initial_epoch=len(progress.rows),
                     callbacks=callbacks, verbose=keras_verbosity())
     elif progress.best_weights() is not None:  # finished before a kill: early stopping's choice, as it restored it
         trained.set_weights(progress.best_weights())
     # Early stopping keeps the best epoch; on a small folder that can still be worse than base + head as they
     # came from train-head (mixup's first epochs disturb the head): then they are kept as they were.
-    val_losses = [row[CURVE_COLUMNS.index("val_loss")] for row in progress.rows]
-    if f.early_stopping_patience and min(val_losses) >= start["val_loss"]:
+    if f.early_stopping_patience and min(row[CURVE_COLUMNS.index("val_loss")] for row in progress.rows) >= \
+            start["val_loss"]:
         start_model.set_weights(start_weights)
-        identity = (acts[:, 0].astype("float32"), keras.utils.to_categorical(labels_train, len(labels)))
-        start.update(zip(("loss", "accuracy"), start_model.evaluate(*identity, batch_size=batch_size["train"],
+        identity = (acts[:, 0].astype("float32"), keras.utils.to_categorical(labels_train, classes))
+        start.update(zip(("loss", "accuracy"), start_model.evaluate(*identity, batch_size=state.batch_size["train"],
                                                                     verbose=0)))
-        report["kept_base_and_head"] = start  # no epoch beat them on val loss
-        return classifier, base, {"final": start, "best_epoch": None, "report": report}
+        return Trained(classifier, base, start, None, {**report, "kept_base_and_head": start})
     activations.copy_weights(trained, classifier)  # a no-op unless resumed: the layers are shared otherwise
-    return classifier, base, {**chosen_epoch(params, progress), "report": report}
+    return Trained(classifier, base, *chosen_epoch(params, progress), report)
+
+
+def top_models(params, classifier, top, activation_shape, progress: Progress, strategy):
+    """(start, trained): the layers from the cut up and the head as train-head left them (sharing the classifier's
+    layers, so training it trains what is exported), and the model training goes on with: that same one, or a
+    killed run's last checkpoint."""
+    import keras
+
+    f = params.fine_tune
+    with strategy.scope():
+        inputs = keras.Input(activation_shape, name="activation")
+        start = keras.Model(inputs, classifier.get_layer("head")(top(inputs, training=False)), name="top")
+        start.compile(optimizer=make_optimizer(f.optimizer, f.learning_rate), loss="categorical_crossentropy",
+                      metrics=["accuracy"])
+        return start, load_checkpoint_model(progress.folder) if progress.folder else start
 
 
 def activations_of(params, front, cut_layer: str, cut: int, examples: Path):

@@ -20,7 +20,8 @@ from components import base_models, inference
 from components.atomic import read_json, write_json
 from components.datasets import augmenter, image_dataset
 from components.images import ImagePreprocessing
-from components.head import build_head, keras_verbosity, make_optimizer
+from components.head import build_head
+from components.recipe import keras_verbosity, make_optimizer
 
 SCRATCH_LEARNING_RATE = 1e-3
 

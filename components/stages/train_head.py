@@ -17,8 +17,9 @@ from components import callbacks as callbacks_mod
 from components import devices, features, multi_worker
 from components.atomic import atomic_dir, read_json, write_csv, write_json
 from components.errors import GraftlineError
-from components.head import (CURVE_COLUMNS, HEAD_FILE, HEAD_HISTORY, HEAD_INFO, best_row, build_head, curve_rows,
-                             early_stopping, keras_verbosity, make_optimizer)
+from components.head import HEAD_FILE, HEAD_HISTORY, HEAD_INFO, build_head
+from components.recipe import (CURVE_COLUMNS, best_row, curve_rows, early_stopping, keras_verbosity,
+                               make_optimizer)
 
 VAL_BATCH_SIZE = 32  # Keras' default for validation arrays
 
