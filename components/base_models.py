@@ -108,6 +108,11 @@ def is_keras_file(model: str) -> bool:
     return model.startswith(KERAS_PREFIX)
 
 
+def has_pretrained_weights(model: str) -> bool:
+    """False for a base that exists here as an architecture only (AlexNet): nothing pretrained to keep."""
+    return is_keras_file(model) or REGISTRY[model].has_weights
+
+
 def preprocessing_of(model: str) -> str:
     # A self-trained base normalises inside itself, as graftline's own models do.
     return "raw" if is_keras_file(model) else REGISTRY[model].preprocessing

@@ -159,7 +159,7 @@ def test_a_failed_experiment_keeps_every_output_and_params_come_back_from_git(go
 def fine_tune_process(dvc_run: subprocess.Popen) -> psutil.Process | None:
     for child in psutil.Process(dvc_run.pid).children(recursive=True):
         try:
-            if "fine-tune" in " ".join(child.cmdline()):
+            if "fine_tune" in " ".join(child.cmdline()):
                 return child
         except psutil.NoSuchProcess:
             pass

@@ -1,7 +1,7 @@
 """Stage 4, fine-tune: base + the trained head, base layers from ``fine_tune_at`` up trainable.
 
-The full model is ``[0, 255] RGB -> preprocessing -> base (a pretrained base's
-BatchNorm in inference mode) -> head``. By default it trains from cached activations
+The full model is ``[0, 255] RGB -> preprocessing -> base (BatchNorm in inference
+mode, but for a base trained from scratch) -> head``. By default it trains from cached activations
 (components/activations.py): the frozen layers run once per photo and view
 (the photo and its mirror), and each epoch trains only the layers from the cut
 up and the head, on those activations mixed up in pairs (augment.mixup).
@@ -82,11 +82,11 @@ def build_classifier(params, head):
     base.trainable = at != -1
     for layer in base.layers[: max(at, 0)]:
         layer.trainable = False
-    # A pretrained base's BatchNorm stays in inference mode: in Keras 3, fit's training=True overrides
-    # the training=False the base is called with (keras-team/keras#20285), and only a frozen
-    # BatchNormalization layer keeps its moving statistics fixed. From random weights (base.weights:
-    # none, AlexNet's preset) there are no statistics to keep: BatchNorm learns with the rest.
-    for layer in base_models.all_layers(base) if b.weights != "none" else ():
+    # BatchNorm stays in inference mode: in Keras 3, fit's training=True overrides the training=False
+    # the base is called with (keras-team/keras#20285), and only a frozen BatchNormalization layer
+    # keeps its moving statistics fixed. A base that exists as an architecture only (AlexNet, trained
+    # from scratch) has no statistics to keep: its BatchNorm learns with the rest.
+    for layer in base_models.all_layers(base) if base_models.has_pretrained_weights(b.model) else ():
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
     inputs = keras.Input((b.image_size, b.image_size, 3), name="image")
