@@ -25,7 +25,10 @@ from components import audit_page, features, records
 from components.atomic import read_json, write_json
 from components.errors import GraftlineError
 
-ISSUE_TYPES = {"label": {}, "near_duplicate": {}, "outlier": {}}
+# n_jobs 1: cleanlab's label search forks a process pool otherwise, and a fork of a process that runs
+# TensorFlow's threads (TFX's LocalDagRunner runs every component in one) can hang for good.
+ISSUE_TYPES = {"label": {"clean_learning_kwargs": {"find_label_issues_kwargs": {"n_jobs": 1}}},
+               "near_duplicate": {}, "outlier": {}}
 
 
 def all_photos(bottlenecks: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
