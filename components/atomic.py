@@ -135,15 +135,14 @@ def _replace(staged: dict[str, Path], finals: dict[str, Path], journal: Path) ->
     complete(journal)
 
 
-def complete(journal: Path) -> list[str]:
-    """Finish the replacing that ``journal`` lists (a killed run's), if any; returns the outputs it put in place.
+def complete(journal: Path) -> None:
+    """Finish the replacing that ``journal`` lists (a killed run's), if any.
 
     Each step can be repeated after a kill: a temporary folder goes only once its output is in place.
     """
     journal = Path(journal)
     if not journal.exists():
-        return []
-    done = []
+        return
     for staged, final, made in read_json(journal):
         staged, final = Path(staged), Path(final)
         if not staged.parent.exists() or (made and not staged.exists()):  # put in place before the kill
@@ -155,10 +154,8 @@ def complete(journal: Path) -> list[str]:
             final.unlink()
         if made:
             os.replace(staged, final)
-            done.append(str(final))
         shutil.rmtree(staged.parent)
     journal.unlink()
-    return done
 
 
 def write_json(path: Path, obj) -> None:
