@@ -10,6 +10,13 @@ by keras.applications; their weights come from registry packages' ``.pth``
 files, converted once into ``$KERAS_HOME/models``. AlexNet (components/alexnet.py)
 is an architecture only: no weights exist for it here, so ``base.weights: none``
 is its one valid choice (it is trained from scratch, presets/flowers_alexnet.yaml).
+
+Several bases joined by ``+`` (``efficientnet_lite0+efficientnet_lite1``) make one
+extractor whose features are theirs side by side: every base sees the photo at
+``base.image_size`` (by default the largest of their own sizes: a base gains from
+a larger photo than it was trained on, and one decode serves all) with its own
+preprocessing, all with ImageNet weights, all frozen. Their weights files travel
+as a tuple, one path per base.
 """
 from __future__ import annotations
 
@@ -101,6 +108,22 @@ REGISTRY: dict[str, BaseSpec] = {
 
 
 KERAS_PREFIX = "keras:"
+COMBINE = "+"
+
+
+def parts(model: str) -> list[str]:
+    """The bases a base.model names: one, or several joined by COMBINE."""
+    return [model] if is_keras_file(model) else model.split(COMBINE)
+
+
+def is_combined(model: str) -> bool:
+    """Several bases side by side (their features concatenated, every base frozen)."""
+    return len(parts(model)) > 1
+
+
+def default_size(model: str) -> int:
+    """The input size base.image_size 0 stands for: the base's own, the largest of several bases'."""
+    return max(REGISTRY[name].default_size for name in parts(model))
 
 
 def is_keras_file(model: str) -> bool:
@@ -110,11 +133,13 @@ def is_keras_file(model: str) -> bool:
 
 def has_pretrained_weights(model: str) -> bool:
     """False for a base that exists here as an architecture only (AlexNet): nothing pretrained to keep."""
-    return is_keras_file(model) or REGISTRY[model].has_weights
+    return is_keras_file(model) or all(REGISTRY[name].has_weights for name in parts(model))
 
 
 def preprocessing_of(model: str) -> str:
-    # A self-trained base normalises inside itself, as graftline's own models do.
+    # A self-trained base normalises inside itself, as graftline's own models do; several bases each their own way.
+    if is_combined(model):
+        return COMBINE.join(REGISTRY[name].preprocessing for name in parts(model))
     return "raw" if is_keras_file(model) else REGISTRY[model].preprocessing
 
 
@@ -124,8 +149,11 @@ def keras_models_dir() -> Path:
     return Path(home) / "models"
 
 
-def resolve_weights(model: str, alpha: float, image_size: int, weights: str) -> str | None:
-    """Return the weights file to load (None for random weights), fetching ImageNet's once."""
+def resolve_weights(model: str, alpha: float, image_size: int, weights: str) -> str | tuple[str, ...] | None:
+    """Return the weights file to load (None for random weights), fetching ImageNet's once; for several bases,
+    a tuple of each one's file (params allow them ImageNet's weights only)."""
+    if is_combined(model):
+        return tuple(resolve_weights(name, alpha, image_size, weights) for name in parts(model))
     if is_keras_file(model):  # the weights are in the .keras file itself
         path = Path(model[len(KERAS_PREFIX):]).expanduser()
         if not path.is_file():
@@ -260,6 +288,8 @@ def build_feature_extractor(model: str, alpha: float, image_size: int, weights_p
 
     from components.images import ImagePreprocessing
 
+    if is_combined(model):
+        return _combined_extractor(model, alpha, image_size, weights_path)
     base = build_base(model, alpha, image_size * upsample, weights_path, feature_layer)
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = ImagePreprocessing(preprocessing_of(model), name="preprocessing")(inputs)
@@ -272,7 +302,25 @@ def build_feature_extractor(model: str, alpha: float, image_size: int, weights_p
     return keras.Model(inputs, features, name="feature_extractor")
 
 
-def cache_fingerprint(base, upsample: int, weights_path: str) -> str:
+def _combined_extractor(model: str, alpha: float, image_size: int, weights_paths: tuple[str, ...]):
+    """Several bases side by side, all at ``image_size``: each normalises the photo its own way, and its pooled
+    features join the others' in the order the bases are named."""
+    import keras
+
+    from components.images import ImagePreprocessing
+
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    branches = []
+    for name, path in zip(parts(model), weights_paths, strict=True):
+        x = ImagePreprocessing(REGISTRY[name].preprocessing, name=f"preprocessing_{name}")(inputs)
+        base = build_base(name, alpha, image_size, path)
+        base.trainable = False  # several bases are features only: fine-tune trains none of them
+        branches.append(base(x, training=False))
+    features = keras.layers.Concatenate(name="features")(branches)
+    return keras.Model(inputs, features, name="feature_extractor")
+
+
+def cache_fingerprint(base, upsample: int, weights_path: str | tuple[str, ...]) -> str:
     """Everything that determines what a base computes from a photo, hashed: the name of its cache folders
     (features in the bottleneck stage, activations in fine-tune)."""
     import hashlib
@@ -283,7 +331,8 @@ def cache_fingerprint(base, upsample: int, weights_path: str) -> str:
 
     spec = {
         "model": base.model, "alpha": base.alpha, "image_size": base.image_size,
-        "weights_sha256": sha256_of(Path(weights_path)),
+        "weights_sha256": COMBINE.join(sha256_of(Path(path)) for path in
+                                       (weights_path if isinstance(weights_path, tuple) else (weights_path,))),
         "feature_layer": base.feature_layer,
         "upsample": upsample,
         "preprocessing": preprocessing_of(base.model),

@@ -50,3 +50,5 @@ def write_live(outputs: dict, logs: list[dict]) -> None:
     for epoch, epoch_log in enumerate(logs):
         callback.on_epoch_end(epoch, epoch_log)
     callback.on_train_end()
+    # No epoch (fine_tune.epochs 0, several frozen bases): DVCLive writes no plots, but dvc.yaml names the folder.
+    (folder / "plots" / "metrics").mkdir(parents=True, exist_ok=True)

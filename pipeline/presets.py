@@ -62,10 +62,18 @@ def _update(node, overlay: dict) -> None:
 
 
 def apply(name: str, params_path: Path) -> list[str]:
+    params_path = Path(params_path)
+    overlay = load(folder_for(params_path), name)
+    write_overlay(overlay, params_path)
+    return ["dvc exp run " + " ".join(f"-S {_quote(line)}" for line in set_lines(overlay))]
+
+
+def write_overlay(overlay: dict, params_path: Path) -> None:
+    """``overlay`` (a partial params dict) written over the params file, comments and key order kept; checked
+    first, so nothing is written if the merged params are bad."""
     from ruamel.yaml import YAML
 
     params_path = Path(params_path)
-    overlay = load(folder_for(params_path), name)
     current = params_mod.read_yaml(params_path.read_text()) or {}
     params_mod.from_dict(merged(current, overlay))  # bad values fail here, before writing
     rt = YAML()
@@ -76,7 +84,6 @@ def apply(name: str, params_path: Path) -> list[str]:
     rt.dump(document, text)
     with atomic_file(params_path) as handle:
         handle.write(text.getvalue())
-    return ["dvc exp run " + " ".join(f"-S {_quote(line)}" for line in set_lines(overlay))]
 
 
 def _quote(arg: str) -> str:

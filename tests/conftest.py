@@ -124,8 +124,18 @@ class Project:
     repro_log: str
 
 
-def copy_repo(dest: Path) -> None:
-    """Copy the files git would commit (tracked, and untracked but not ignored)."""
+# The suite's pipelines run one base, fine-tuned, with both TFLite files: MobileNetV2 at 160 px from layer 100,
+# the mechanisms every recipe shares at a fraction of the default's cost. The default itself (three frozen bases) runs whole in
+# tests/test_combined_bases.py, from a copy with ``recipe=None``.
+ONE_BASE = {"base": {"model": "mobilenet_v2", "image_size": 0}, "fine_tune_at": 100,
+            "export": {"tflite": ["float", "dynamic_range"]}}
+
+
+def copy_repo(dest: Path, recipe: dict | None = ONE_BASE) -> None:
+    """Copy the files git would commit (tracked, and untracked but not ignored); then ``recipe`` over the copy's
+    params.yaml, as `graftline preset` writes one (comments kept)."""
+    from pipeline import presets
+
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                             cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
     for rel in filter(None, listed):
@@ -133,6 +143,8 @@ def copy_repo(dest: Path) -> None:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
+    if recipe:
+        presets.write_overlay(recipe, dest / "params.yaml")
 
 
 def small_dvc_project(folder: Path, classes: tuple[str, ...], per_class: int, **sections: dict

@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
     tree = make_class_tree(work / "photos", {"cats": 8, "dogs": 8, "owls": 8}, size=(80, 64))
     p = params_mod.from_dict({
         "data": {"source": str(tree), "sha256": "", "val_percent": 25, "test_percent": 25},
-        "base": {"alpha": 0.35, "image_size": SIZE, "weights": str(weights)},
+        "base": {"model": "mobilenet_v2", "alpha": 0.35, "image_size": SIZE, "weights": str(weights)},
         "bottleneck": {"cache_dir": str(work / "cache")},
     })
     ingest.run(p, {"downloads": work / "download", "extract_dir": work / "raw"},

@@ -136,7 +136,8 @@ def one_epoch(tmp_path_factory) -> Path:
     root = folder / "project"
     root.mkdir()
     raw = preset_params(data={"source": str(FLOWERS), "sha256": "", "url": ""},
-                        train_head={"epochs": 1}, fine_tune={"epochs": 1})
+                        train_head={"epochs": 1}, fine_tune={"epochs": 1},
+                        export={"tflite": ["float", "dynamic_range"]})  # both TFLite files, checked below
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     env = project_env(folder / "keras")
     for command in (*STAGES, "scratch"):

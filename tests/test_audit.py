@@ -30,7 +30,7 @@ def graftline(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def write_params(root: Path, **sections) -> None:
     params = {"data": {"source": str(root / "photos"), "sha256": "", "exclude": "exclude.txt"},
-              "base": {"weights": str(WEIGHTS_224)}, **sections}
+              "base": {"model": "mobilenet_v2", "weights": str(WEIGHTS_224)}, **sections}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 

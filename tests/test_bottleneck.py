@@ -38,7 +38,7 @@ def make_params(weights: Path, cache_dir: str = "", workers: int = 1, image_size
                 runner: str = "DirectRunner"):
     return params_mod.from_dict({
         "data": {"source": "unused", "sha256": "", "val_percent": 25, "test_percent": 25},
-        "base": {"alpha": 0.35, "image_size": image_size, "weights": str(weights)},
+        "base": {"model": "mobilenet_v2", "alpha": 0.35, "image_size": image_size, "weights": str(weights)},
         "bottleneck": {"cache_dir": cache_dir, "workers": workers, "batch_size": 8, "runner": runner},
     })
 
@@ -168,7 +168,7 @@ def test_torn_or_corrupt_cache_entries_are_recomputed_not_read(weights, examples
 def test_random_weights_are_never_cached(examples, tmp_path):
     params = params_mod.from_dict({
         "data": {"source": "unused", "sha256": ""},
-        "base": {"alpha": 0.35, "image_size": SIZE, "weights": "none"},
+        "base": {"model": "mobilenet_v2", "alpha": 0.35, "image_size": SIZE, "weights": "none"},
         "bottleneck": {"cache_dir": str(tmp_path / "cache")},
     })
     report = extract(params, examples, tmp_path)
@@ -211,7 +211,7 @@ def test_an_unreachable_dask_scheduler_is_one_clear_line(weights, examples, tmp_
     address = f"tcp://127.0.0.1:{portpicker.pick_unused_port()}"  # nobody listens there
     params = params_mod.from_dict({
         "data": {"source": "unused", "sha256": ""},
-        "base": {"alpha": 0.35, "image_size": SIZE, "weights": str(weights)},
+        "base": {"model": "mobilenet_v2", "alpha": 0.35, "image_size": SIZE, "weights": str(weights)},
         "bottleneck": {"runner": "dask", "dask_address": address, "beam_options": ["--dask_connection_timeout=3"]},
     })
     with pytest.raises(GraftlineError, match=f"cannot reach the Dask scheduler at {address} .bottleneck.dask_address"):

@@ -60,7 +60,8 @@ def test_unknown_param_key_is_named_before_any_work(tmp_path):
 def test_missing_imagenet_weights_offline_names_file_folder_and_alternative(tmp_path):
     make_class_tree(tmp_path / "photos", {"cats": 12, "dogs": 12})
     write_params(tmp_path, {"data": {"source": str(tmp_path / "photos"), "sha256": "",
-                                     "val_percent": 30, "test_percent": 30}})
+                                     "val_percent": 30, "test_percent": 30},
+                            "base": {"model": "mobilenet_v2"}, "fine_tune_at": 100})
     result, _ = graftline(["ingest"], tmp_path)
     assert result.returncode == 0, result.stderr
     keras_home = tmp_path / "keras-home"

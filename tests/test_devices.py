@@ -162,7 +162,7 @@ TWO_REPLICAS = textwrap.dedent("""
         "seed": 7, "fine_tune_at": 140,
         "train": {"device": "auto", "mixed_precision": "on"},
         "train_head": {"epochs": 20, "early_stopping_patience": 5, "learning_rate": 0.01, "batch_size": 16},
-        "base": {"alpha": 0.35, "image_size": 32, "weights": "none"},
+        "base": {"model": "mobilenet_v2", "alpha": 0.35, "image_size": 32, "weights": "none"},
         "fine_tune": {"epochs": 1, "batch_size": 4}, "export": {"tflite": []}})
     out = {}
 

@@ -48,7 +48,8 @@ def small_project(folder: Path, **params) -> Path:
     make_class_tree(folder / "photos", {"cats": 30, "dogs": 30, "owls": 30}, size=(96, 96))
     settings = {
         "data": {"source": str(folder / "photos"), "sha256": "", "val_percent": 20, "test_percent": 20},
-        "base": {"alpha": 0.35, "image_size": 96, "weights": "none"},
+        "base": {"model": "mobilenet_v2", "alpha": 0.35, "image_size": 96, "weights": "none"},
+        "fine_tune_at": 100,
         "train_head": {"epochs": 3},
         "fine_tune": {"epochs": 2, "batch_size": 8, "early_stopping_patience": 0},
         "export": {"tflite": []},

@@ -39,7 +39,8 @@ def test_each_base_builds_with_its_width_and_preprocessing(name):
 
 
 def make_params(**overrides):
-    raw = {"data": {"source": "unused", "sha256": ""}, "base": {"alpha": 0.35, "image_size": 64, "weights": "none"}}
+    raw = {"data": {"source": "unused", "sha256": ""},
+           "base": {"model": "mobilenet_v2", "alpha": 0.35, "image_size": 64, "weights": "none"}, "fine_tune_at": 100}
     for key, value in overrides.items():
         section, _, leaf = key.partition("__")
         if leaf:
@@ -94,8 +95,8 @@ def test_batchnorm_stays_in_inference_mode_while_the_layers_around_it_train():
 
 
 def test_input_block_noise_only_in_training_and_upsampling_always():
-    params = make_params(input_block={"noise": 0.5, "upsample": 2}, base={"alpha": 0.35, "image_size": 32,
-                                                                          "weights": "none"})
+    params = make_params(input_block={"noise": 0.5, "upsample": 2}, base={"model": "mobilenet_v2", "alpha": 0.35,
+                                                                          "image_size": 32, "weights": "none"})
     runtime.configure(0)
     extractor = base_models.extractor_for_params(params, None)
     assert base_models.base_of(extractor).input_shape == (None, 64, 64, 3)  # the base sees 2x

@@ -150,7 +150,8 @@ def small_project(root: Path) -> None:
     write_json(root / "artifacts" / "labels.json", classes)
     write_untrained_head(root / "artifacts" / "head", classes)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["base"].update(image_size=96, weights=str(WEIGHTS_224))  # the head takes pooled features: any size
+    params["base"].update(model="mobilenet_v2", image_size=96, weights=str(WEIGHTS_224))  # the head takes pooled features: any size
+    params["fine_tune_at"] = 100
     params["fine_tune"].update(epochs=1, batch_size=BATCH_PER_REPLICA, early_stopping_patience=0)
     params["export"]["tflite"] = []  # TFLite is checked in test_pipeline_e2e
     params["train"]["strategy"] = "multi_worker"

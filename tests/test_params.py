@@ -17,9 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults_load_and_validate():
     p = params.from_dict({})
     assert p == Params()
-    assert p.seed == 42 and p.fine_tune_at == 100
+    assert p.seed == 42 and p.fine_tune_at == -1
     assert p.data.val_percent == 15.0 and p.data.test_percent == 15.0
-    assert p.base.model == "mobilenet_v2" and p.base.image_size == 160 and p.base.weights == "imagenet"
+    assert p.base.model == "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2" and p.base.image_size == 260
+    assert p.base.weights == "imagenet" and p.export.tflite == () and p.bottleneck.batch_size == 16
     assert p.train_head.optimizer == "adam" and p.fine_tune.optimizer == "adam" and p.augment.tta == "flip"
     assert p.bottleneck.beam_options == ()
     # None (an empty YAML file) is the defaults too.
@@ -153,7 +154,7 @@ def test_good_edge_values_are_accepted():
 @pytest.mark.parametrize(
     "raw, key, value",
     [
-        ({"base": {"alpha": 0.4}}, "base.alpha", "0.4"),
+        ({"base": {"model": "mobilenet_v2", "alpha": 0.4}}, "base.alpha", "0.4"),
         ({"base": {"image_size": 16}}, "base.image_size", "16"),
         ({"base": {"model": "inception_v3", "image_size": 64}}, "base.image_size", "64"),
     ],
@@ -164,7 +165,7 @@ def test_base_model_constraints_name_key_and_value(raw, key, value):
     assert key in str(info.value) and value in str(info.value)
 
 
-@pytest.mark.parametrize("raw", [{"base": {"alpha": 0.4}}, {"base": {"image_size": 16}}])
+@pytest.mark.parametrize("raw", [{"base": {"model": "mobilenet_v2", "alpha": 0.4}}, {"base": {"image_size": 16}}])
 def test_base_model_constraints_raise_params_error(raw):
     with pytest.raises(ParamsError):
         params.from_dict(raw)

@@ -169,13 +169,14 @@ def write_project(root: Path, url: str, sha256: str) -> None:
     for section, values in {
         "data": {"source": "data/download/photos.tgz", "url": url, "sha256": sha256, "val_percent": 25,
                  "test_percent": 25},
-        "base": {"alpha": 0.35, "image_size": 96, "weights": str(WEIGHTS_035)},
+        "base": {"model": "mobilenet_v2", "alpha": 0.35, "image_size": 96, "weights": str(WEIGHTS_035)},
         "train_head": {"epochs": 8},
         "fine_tune": {"epochs": 2},
         "export": {"tflite": []},
         "audit": {"folds": 3},
     }.items():
         params[section].update(values)
+    params["fine_tune_at"] = 100  # one base, fine-tuned: fine-tune reads everything it declares
     (root / "data").mkdir(parents=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(REPO / params_mod.DataParams().exclude, root / params_mod.DataParams().exclude)

@@ -37,7 +37,7 @@ def test_killed_fine_tune_resumes_from_its_last_complete_epoch(tmp_path, monkeyp
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
         "fine_tune_at": 0,
         "data": {"source": str(tmp_path / "photos"), "sha256": "", "val_percent": 20, "test_percent": 20},
-        "base": {"alpha": 0.35, "image_size": 96, "weights": "none"},
+        "base": {"model": "mobilenet_v2", "alpha": 0.35, "image_size": 96, "weights": "none"},
         "train_head": {"epochs": 3},
         # cosine: the resumed run must go on down the same curve, not restart it
         "fine_tune": {"epochs": 4, "learning_rate": 0.0001 if patience == 0 else 0.003, "schedule": "cosine",

@@ -16,7 +16,7 @@ COMPONENTS = {"Ingest", "Bottleneck", "Audit", "TrainHead", "FineTune", "Evaluat
 def compiled(tmp_path_factory) -> dict:
     """Both targets compiled from the same params: an L4 pair for training, a custom image, fine_tune_at 120."""
     work = tmp_path_factory.mktemp("compile")
-    write_params(work, {"fine_tune_at": 120, "tfx": {"image": IMAGE},
+    write_params(work, {"fine_tune_at": 120, "base": {"model": "mobilenet_v2"}, "tfx": {"image": IMAGE},
                         "train": {"accelerator": "NVIDIA_L4", "accelerator_count": 2}})
     specs = {}
     for target in ("vertex", "kubeflow"):

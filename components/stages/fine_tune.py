@@ -8,7 +8,7 @@ up and the head, on those activations mixed up in pairs (augment.mixup).
 With image-space augmentation (augment.rotation, augment.zoom) or input noise,
 every epoch runs on the decoded images instead. ``fine_tune.epochs: 0``
 exports base + head unchanged; so does a run in which no epoch beat them on
-val loss.
+val loss, and always a base.model of several bases (they stay frozen).
 
 Every epoch is checkpointed (model, optimizer state, curve so far) under
 ``inputs["checkpoints"]``; a run that was killed resumes from its last
@@ -309,6 +309,10 @@ def training_callbacks(params, outputs: dict, state: Run) -> list:
 def train(params, state: Run, callbacks: list, strategy) -> Trained:
     """From cached activations of the frozen part, or on the images every epoch; or, with no epochs, base + head
     as they are, scored."""
+    if base_models.is_combined(params.base.model):  # frozen bases: the head on their features is the model
+        model, base = build_classifier(params, load_head(state.head_dir))
+        return Trained(model, base, head_figures(state.head_dir),
+                       report={"trained_from": "nothing: several frozen bases, the head as train_head left it"})
     if params.fine_tune.epochs > 0 and uses_activations(params):
         return fit_on_activations(params, state, callbacks, strategy)
     if params.fine_tune.epochs > 0:
@@ -369,6 +373,14 @@ def chosen_epoch(params, progress: Progress) -> tuple[dict, int]:
     run's and a killed run's alike (early stopping restores it), or the last without early stopping."""
     chosen = best_row(progress.rows, params.fine_tune.early_stopping_patience)
     return dict(zip(CURVE_COLUMNS[1:], chosen[1:])), chosen[0]
+
+
+def head_figures(head_dir: Path) -> dict:
+    """train_head's figures of the epoch it kept: the same model on the same features as base + head."""
+    best = read_json(head_dir / HEAD_INFO)["best_epoch"]
+    with open(head_dir / HEAD_HISTORY, newline="") as handle:
+        row = next(r for r in csv.DictReader(handle) if int(r["epoch"]) == best)
+    return {k: float(row[k]) for k in CURVE_COLUMNS[1:]}
 
 
 def evaluate_as_is(model, examples: Path, size: int, batch_size: dict) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from components import base_models, inference
+from components.errors import GraftlineError
 from components.atomic import read_json, write_json
 from components.datasets import augmenter, image_dataset
 from components.images import ImagePreprocessing
@@ -32,6 +33,9 @@ def run(params, inputs: dict, outputs: dict) -> dict:
 
     started = time.time()
     b, h = params.base, params.train_head
+    if base_models.is_combined(b.model):
+        raise GraftlineError(f"scratch: base.model = {b.model!r} joins several bases; the scratch control trains one "
+                             "architecture from random weights: name one base")
     labels = read_json(Path(inputs["labels"]))
     budget = sum(read_json(Path(inputs[k]))["epochs_run"] for k in ("head_metrics", "fine_tune_metrics"))
     weights_path = base_models.resolve_weights(b.model, b.alpha, b.image_size, b.weights)
