@@ -10,6 +10,7 @@ Without ../shared they skip, unless GRAFTLINE_REQUIRE_SHARED=1 (set by
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -82,6 +83,20 @@ def run(cmd: list[str], cwd: Path, env: dict, log: Path, timeout: int = 1200) ->
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}; output ({log}):\n{output[-6000:]}")
     return output
+
+
+@contextlib.contextmanager
+def keras_home_set(home: Path):
+    """KERAS_HOME is ``home`` in this process inside the block (what resolve_weights reads), as it was after."""
+    old = os.environ.get("KERAS_HOME")
+    os.environ["KERAS_HOME"] = str(home)
+    try:
+        yield home
+    finally:
+        if old is None:
+            os.environ.pop("KERAS_HOME")
+        else:
+            os.environ["KERAS_HOME"] = old
 
 
 def keras_home_with_weights(folder: Path) -> Path:

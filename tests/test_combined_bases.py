@@ -42,18 +42,13 @@ def test_what_several_bases_cannot_take_fails_with_one_line_naming_the_key(raw, 
 def keras_home(tmp_path_factory):
     """A KERAS_HOME with the shared MobileNetV2 weights (160 and 224 px); Lite0's are converted into it from the
     installed package."""
-    from conftest import WEIGHTS_224, keras_home_with_weights, require_shared
+    from conftest import WEIGHTS_224, keras_home_set, keras_home_with_weights, require_shared
 
     require_shared()
     home = keras_home_with_weights(tmp_path_factory.mktemp("keras"))
     os.symlink(WEIGHTS_224, home / "models" / WEIGHTS_224.name)  # MobileNetV2 at 224, beside Lite0
-    old = os.environ.get("KERAS_HOME")
-    os.environ["KERAS_HOME"] = str(home)
-    yield home
-    if old is None:
-        os.environ.pop("KERAS_HOME")
-    else:
-        os.environ["KERAS_HOME"] = old
+    with keras_home_set(home):
+        yield home
 
 
 def test_the_features_are_each_base_s_own_side_by_side(keras_home):

@@ -18,7 +18,7 @@ from components import efficientnet_lite
 from components.errors import GraftlineError
 from components.fetch import sha256_of
 from components.torch_state import RefusedPickle, load_state_dict
-from conftest import FLOWERS, copy_repo, project_env, require_shared, run
+from conftest import FLOWERS, copy_repo, keras_home_set, project_env, require_shared, run
 from pth_files import write_legacy, write_zip
 
 IMAGENET_DAISY = 985
@@ -108,14 +108,8 @@ def test_a_file_of_another_variant_is_named_as_such(tmp_path):
 @pytest.fixture(scope="module")
 def keras_home(tmp_path_factory):
     """An empty KERAS_HOME: the Lite weights are converted into it from the installed package."""
-    home = tmp_path_factory.mktemp("keras")
-    old = os.environ.get("KERAS_HOME")
-    os.environ["KERAS_HOME"] = str(home)
-    yield home
-    if old is None:
-        os.environ.pop("KERAS_HOME")
-    else:
-        os.environ["KERAS_HOME"] = old
+    with keras_home_set(tmp_path_factory.mktemp("keras")) as home:
+        yield home
 
 
 def test_imagenet_weights_convert_once_into_keras_home(keras_home):
