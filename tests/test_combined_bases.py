@@ -144,3 +144,15 @@ def test_predict_with_the_default_model_agrees_with_its_evaluation(default_run):
     wrong = {k for k, p in zip(keys, predicted) if k.split("/")[0] != p}
     limit = default_run["params"]["evaluate"]["mistakes"]
     assert mistakes <= wrong and (mistakes == wrong or len(mistakes) == limit)
+
+
+def test_weights_folders_may_hold_any_character(keras_home, tmp_path):
+    """Each base's file travels on its own (a tuple), so a KERAS_HOME with ':' (os.pathsep) in its path works."""
+    from conftest import keras_home_set
+
+    odd = tmp_path / "keras: home"
+    odd.symlink_to(keras_home)
+    with keras_home_set(odd):
+        weights = base_models.resolve_weights(PAIR, 1.0, 224, "imagenet")
+        assert len(weights) == 2 and all(str(odd) in path for path in weights)
+        assert base_models.build_feature_extractor(PAIR, 1.0, 224, weights).output_shape == (None, 2560)
