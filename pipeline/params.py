@@ -143,6 +143,8 @@ class BaseParams(Section):
             if self.image_size < 8:
                 _fail("base.image_size", self.image_size, "an integer >= 8, the input size of the keras: model")
             return
+        if self.feature_layer:
+            _fail("base.feature_layer", self.feature_layer, f"'' for {self.model} (it applies to keras:<path> bases)")
         if base_models.is_combined(self.model):
             return self.check_combined(params)
         if self.model not in base_models.REGISTRY:
@@ -152,8 +154,6 @@ class BaseParams(Section):
         # alexnet: base.weights none only (an architecture without weights here)
         for key, value, allowed in base_models.REGISTRY[self.model].problems(self.alpha, upsampled, self.weights):
             _fail(key, value, allowed)
-        if self.feature_layer:
-            _fail("base.feature_layer", self.feature_layer, f"'' for {self.model} (it applies to keras:<path> bases)")
 
     def check_combined(self, params: Params) -> None:
         """Several bases side by side: pretrained ones, each once, all frozen, no input block."""
@@ -173,8 +173,6 @@ class BaseParams(Section):
         for name in names:
             for key, value, allowed in base_models.REGISTRY[name].problems(self.alpha, self.image_size):
                 _fail(key, value, allowed)
-        if self.feature_layer:
-            _fail("base.feature_layer", self.feature_layer, f"'' for {self.model} (it applies to keras:<path> bases)")
         if params.fine_tune_at != -1:
             _fail("fine_tune_at", params.fine_tune_at, f"-1: the bases of {self.model} stay frozen (their features "
                                                        "side by side are the model); to fine-tune, name one base")
