@@ -112,10 +112,11 @@ class DataParams(Section):
 
 @dataclass(frozen=True)
 class BaseParams(Section):
-    model: str = param("efficientnet_lite0+efficientnet_lite1+efficientnet_lite2", "`mobilenet_v2`, `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2`, "
+    model: str = param("efficientnet_lite0+efficientnet_lite1+efficientnet_lite2",
+                       "`mobilenet_v2`, `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2`, "
                        "`inception_v3`, `vgg16`, `resnet50`, `efficientnet_b0`, `alexnet` (architecture only: "
-                       "`base.weights: none`, trained from scratch), `keras:<path to a .keras model>`, or several pretrained "
-                       "bases joined by `+` (`efficientnet_lite0+efficientnet_lite1+efficientnet_lite2`: their "
+                       "`base.weights: none`, trained from scratch), `keras:<path to a .keras model>`, or several "
+                       "pretrained bases joined by `+` (`efficientnet_lite0+efficientnet_lite1+efficientnet_lite2`: their "
                        "features side by side, every base frozen, so `fine_tune_at: -1`)")
     alpha: float = param(1.0, "width multiplier (MobileNetV2: 0.35, 0.5, 0.75, 1.0, 1.3, 1.4)")
     image_size: int = param(0, "pixels a side the base sees (before `input_block.upsample`); 0 = the base's own: "

@@ -209,10 +209,14 @@ def check_images(examples: Path, image_size: int, limit: int):
     return np.concatenate(batches)[:limit] if batches else None
 
 
-def joined_curve(head_dir: Path, fine_rows: list) -> list[dict]:
+def head_rows(head_dir: Path) -> list[dict]:
+    """train_head's learning curve, one dict per epoch (recipe.CURVE_COLUMNS, as text)."""
     with open(head_dir / HEAD_HISTORY, newline="") as handle:
-        head_rows = list(csv.DictReader(handle))
-    return head_rows + [dict(zip(CURVE_COLUMNS, row)) for row in fine_rows]
+        return list(csv.DictReader(handle))
+
+
+def joined_curve(head_dir: Path, fine_rows: list) -> list[dict]:
+    return head_rows(head_dir) + [dict(zip(CURVE_COLUMNS, row)) for row in fine_rows]
 
 
 def uses_activations(params) -> bool:
@@ -378,8 +382,7 @@ def chosen_epoch(params, progress: Progress) -> tuple[dict, int]:
 def head_figures(head_dir: Path) -> dict:
     """train_head's figures of the epoch it kept: the same model on the same features as base + head."""
     best = read_json(head_dir / HEAD_INFO)["best_epoch"]
-    with open(head_dir / HEAD_HISTORY, newline="") as handle:
-        row = next(r for r in csv.DictReader(handle) if int(r["epoch"]) == best)
+    row = next(r for r in head_rows(head_dir) if int(r["epoch"]) == best)
     return {k: float(row[k]) for k in CURVE_COLUMNS[1:]}
 
 
