@@ -22,13 +22,7 @@ code { font-size: 0.9em; }
 
 def stored_photos(examples: Path, wanted: set[str]) -> dict[str, bytes]:
     """key -> stored image bytes of the ``wanted`` photos, read from every split's shards."""
-    found = {}
-    for split in records.SPLITS:
-        for shard in records.shard_paths(examples, split):
-            for record in records.read_shard(str(shard)):
-                if record.key in wanted:
-                    found[record.key] = record.image
-    return found
+    return {record.key: record.image for record in records.read_all(examples) if record.key in wanted}
 
 
 def _photo(path: str, photos: dict[str, bytes], caption: str) -> str:
@@ -49,7 +43,8 @@ def render(report: dict, photos: dict[str, bytes], listed: int, exclude_file: st
                      ("label issues", "label_issues"), ("near-duplicate pairs", "near_duplicate_pairs"),
                      ("across splits (leakage)", "leakage_pairs"), ("outliers", "outliers"))) + "</p>",
              f"<p>Found by cleanlab from the base's features, with probabilities from {s['folds']}-fold "
-             f"cross-validation of a logistic regression (its accuracy: {s['cross_validated_accuracy']:.3f}). "
+             f"cross-validation of a logistic regression (its accuracy: {s['cross_validated_accuracy']:.3f}); "
+             f"near-duplicates also by perceptual hash (at most {s['hash_bits']} of 64 bits apart). "
              f"To leave a photo out, add its path as a line to <code>{e(exclude_file)}</code> and run again: "
              "ingest drops it and only what changed re-runs. reports/audit.json lists every finding.</p>"]
     issues = report["label_issues"][:listed]
@@ -64,7 +59,8 @@ def render(report: dict, photos: dict[str, bytes], listed: int, exclude_file: st
         leak = pair["splits"][0] != pair["splits"][1]
         note = "<b class='leakage'>leakage</b>: " if leak else ""
         parts.append(f"<div class='pair{' leak' if leak else ''}'>" + "".join(
-            _photo(path, photos, f"{note}{e(split)}, distance {pair['distance']:.4f}")
+            _photo(path, photos, f"{note}{e(split)}; hashes {pair['hash_bits']} bits apart, "
+                                 f"features {pair['distance']:.4f}")
             for path, split in zip(pair["paths"], pair["splits"])) + "</div>")
     outliers = report["outliers"][:listed]
     parts.append(f"</div><h2 id='outliers'>Outliers: the {len(outliers)} most unusual of "

@@ -67,6 +67,13 @@ def read_shard(shard_url: str):
             yield from_example(serialized)
 
 
+def read_all(examples_dir: Path):
+    """The Records of every split, split by split in records.SPLITS order, each split's shards in order."""
+    for split in SPLITS:
+        for shard in shard_paths(examples_dir, split):
+            yield from read_shard(str(shard))
+
+
 @functools.cache
 def _example_class():
     """tf.train.Example's message type (tensorflow/core/example/{example,feature}.proto), built with the

@@ -280,10 +280,23 @@ class EvaluateParams(Section):
                 _fail(f"evaluate.thresholds.{metric}", minimum, "a number between 0 and 1")
 
 
+# cleanlab's find_label_issues(filter_by=...) values that need no other argument
+LABEL_FILTERS = ("predicted_neq_given", "prune_by_noise_rate", "prune_by_class", "both", "confident_learning")
+
+
 @dataclass(frozen=True)
 class AuditParams(Section):
     folds: int = param(5, "K of the K-fold cross-validation whose out-of-sample probabilities find label issues",
                        **at_least(2))
+    label_filter: str = param("predicted_neq_given", "which photos cleanlab calls label issues: "
+                              "`predicted_neq_given` (the cross-validated model puts it in another class; "
+                              "docs/results.md: the most flips found) or cleanlab's stricter `prune_by_noise_rate`, "
+                              "`prune_by_class`, `both`, `confident_learning`", choices=LABEL_FILTERS)
+    hash_bits: int = param(6, "near-duplicates also: photos whose 64-bit perceptual hashes (imagehash's phash) "
+                           "differ in at most this many bits (80 copies resized to 70% and re-encoded: 0 to 6; on "
+                           "flower_photos every pair at 6 or fewer was one photo, 4 of the 9 at 8 were not)",
+                           ok=lambda v: 0 <= v <= 32,
+                           allowed="an integer from 0 to 32")
     listed: int = param(30, "photos of each kind (label issues, near-duplicate pairs, outliers) shown on "
                         "reports/audit.html; reports/audit.json lists all", **at_least(1))
 

