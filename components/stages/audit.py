@@ -70,18 +70,17 @@ def photo_hashes(examples: Path, keys: list[str]) -> np.ndarray:
     return np.array([bits[key] for key in keys])
 
 
-def hash_pairs(bits: np.ndarray, most: int) -> dict[tuple[int, int], int]:
-    """(i, j) -> bits apart, for every pair i < j of photos whose hashes differ in at most ``most`` bits."""
+def hash_pairs(bits: np.ndarray, most: int) -> set[tuple[int, int]]:
+    """Every pair i < j of photos whose hashes differ in at most ``most`` bits."""
     from sklearn.metrics import pairwise_distances_chunked
 
-    def close(chunk, start):  # one list per photo start + row: its (j, bits apart); distances are fractions
-        apart = np.rint(chunk * bits.shape[1]).astype(int)
-        return [[(j, apart[row, j]) for j in np.flatnonzero(apart[row] <= most) if j > start + row]
-                for row in range(len(chunk))]
+    def close(chunk, start):  # per photo start + row, the later photos close to it (distances: fractions of bits)
+        near = np.rint(chunk * bits.shape[1]) <= most
+        return [[j for j in np.flatnonzero(near[row]) if j > start + row] for row in range(len(chunk))]
 
     chunks = pairwise_distances_chunked(bits, metric="hamming", reduce_func=close, working_memory=128)  # MiB
     rows = (row for chunk in chunks for row in chunk)
-    return {(i, int(j)): int(apart) for i, row in enumerate(rows) for j, apart in row}
+    return {(i, int(j)) for i, row in enumerate(rows) for j in row}
 
 
 def out_of_sample_probabilities(x: np.ndarray, y: np.ndarray, folds: int, seed: int, class_names: list[str]):
@@ -129,7 +128,7 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     bits = photo_hashes(Path(inputs["examples"]), keys)
     by_hash = hash_pairs(bits, params.audit.hash_bits)
     near_duplicates = []
-    for i, j in by_features | set(by_hash):
+    for i, j in by_features | by_hash:
         found_by = [name for name, found in (("photo hash", by_hash), ("features", by_features)) if (i, j) in found]
         near_duplicates.append({
             "paths": [keys[i], keys[j]], "splits": [splits[i], splits[j]],
