@@ -157,13 +157,25 @@ def test_a_failed_experiment_keeps_every_output_and_params_come_back_from_git(go
 
 
 def fine_tune_process(dvc_run: subprocess.Popen) -> psutil.Process | None:
+    """The stage's own process (`graftline fine_tune`). Without $SHELL, DVC starts it through `/bin/sh -c`, and
+    dash does not exec: killing that shell would leave the stage running on behind the next `dvc repro`."""
     for child in psutil.Process(dvc_run.pid).children(recursive=True):
         try:
-            if "fine_tune" in " ".join(child.cmdline()):
+            if "fine_tune" in child.cmdline()[1:]:  # an argument of its own, not inside a shell's -c string
                 return child
         except psutil.NoSuchProcess:
             pass
     return None
+
+
+def stage_processes(root: Path) -> list[psutil.Process]:
+    """Every live process running a stage in ``root``, wherever it was re-parented."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["cwd"] == str(root) and any(arg.endswith("graftline") for arg in cmdline[:2]):
+            found.append(proc)
+    return found
 
 
 def figures(root: Path) -> dict:
@@ -189,6 +201,7 @@ def test_a_fine_tune_killed_during_export_resumes_in_one_repro_to_the_uninterrup
             break
         time.sleep(0.02)
     assert dvc_run.wait(timeout=300) != 0, "fine-tune finished before it was killed"
+    assert not stage_processes(root)  # the stage itself died: nothing of it runs on behind the next repro
     assert outputs(root) == before  # the last good set, whole: nothing of the killed run
     assert leftovers(root)  # its half-made set, under temporary names the next run removes
     assert list((root / "data/checkpoints/fine_tune").glob("epoch-*/state.json"))  # what it leaves to resume
