@@ -42,7 +42,7 @@ def params_for(weights: str, size: int, way: str, batch: int):
     runner, workers = WAYS[way]
     return params.from_dict({
         "data": {"source": "unused", "sha256": ""},
-        "base": {"weights": weights, "image_size": size},
+        "base": {"model": "mobilenet_v2", "weights": weights, "image_size": size},
         "bottleneck": {"runner": runner, "workers": workers, "cache_dir": "", "batch_size": batch},
     })
 
@@ -51,11 +51,11 @@ def plain_loop(examples: Path, p) -> int:
     """The baseline: tf.data over the shards, batches of bytes into one tf.function."""
     import tensorflow as tf
 
-    from components import base_models, images, records
+    from components import images, records
+    from components.backbone import Backbone
 
     b = p.base
-    weights = base_models.resolve_weights(b.model, b.alpha, b.image_size, b.weights)
-    extractor = base_models.build_feature_extractor(b.model, b.alpha, b.image_size, weights)
+    extractor = Backbone.from_params(p, training=False).extractor()
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
     def infer(image_bytes):

@@ -54,14 +54,15 @@ def main() -> None:
 
     import numpy as np
 
-    from components import base_models, features, records
+    from components import features, records
+    from components.backbone import Backbone
     from components.stages import ingest, train_head
     from machine import cpu
     from pipeline import params as params_mod
     from pipeline import runtime
 
     p = params_mod.from_dict({"data": {"source": str(Path(args.folder).resolve()), "sha256": ""},
-                              "base": {"weights": str(Path(args.weights).resolve())}})
+                              "base": {"model": "mobilenet_v2", "weights": str(Path(args.weights).resolve())}})
     runtime.configure(p.seed)
     with tempfile.TemporaryDirectory(prefix="graftline-stability-") as work:
         work = Path(work)
@@ -72,7 +73,7 @@ def main() -> None:
         everything = [r for s in records.SPLITS for r in recs[s]]
         data = [r.image for r in everything]
         b = p.base
-        extractor = base_models.build_feature_extractor(b.model, b.alpha, b.image_size, p.base.weights)
+        extractor = Backbone.from_params(p, training=False).extractor()
         n, batch = len(data), p.bottleneck.batch_size
         ways = {"first run (batches of %d)" % batch: extract(extractor, b.image_size, data, list(range(n)), batch),
                 "reverse order": extract(extractor, b.image_size, data, list(range(n))[::-1], batch),

@@ -1,29 +1,32 @@
-"""Fine-tuning from cached activations: the frozen part of the base runs once per photo and view.
+"""Fine-tuning from cached activations: the frozen part of each base runs once per photo and view.
 
 Base layers below ``fine_tune_at`` never change in fine-tuning, and BatchNorm
-runs in inference mode, so what they compute from a photo is fixed. The base
-is cut where exactly one tensor flows from the frozen layers into the rest (at
-or below ``fine_tune_at``, and not much wider than the narrowest such tensor
-there; MobileNetV2 at 100: before ``block_11_expand``, index 98). ``front``
-(image -> that tensor) runs once per photo and view, its outputs are cached
-per photo (components/vector_cache.py) as float16, and an epoch runs only
-``top`` (that tensor -> pooled features, the layers from the cut up, sharing
-their weights with the base) and the head. Frozen layers between the cut and
-``fine_tune_at`` stay frozen inside ``top``.
+runs in inference mode, so what they compute from a photo is fixed. Each base
+of the backbone is cut where exactly one tensor flows from its frozen layers
+into the rest (at or below its ``fine_tune_at`` index, and not much wider than
+the narrowest such tensor there; MobileNetV2 at 100: before ``block_11_expand``,
+index 98). ``front`` (image -> each base's tensor at its cut) runs once per
+photo and view, its outputs are cached per photo and base
+(components/vector_cache.py) as float16, and an epoch runs only ``top`` (those
+tensors -> each base's pooled features, side by side: the layers from the cuts
+up, sharing their weights with the bases) and the head. Frozen layers between a
+cut and ``fine_tune_at`` stay frozen inside ``top``.
 
 Views are what augmentation can still be when the frozen part is cached: the
 photo as it is and mirrored (``images.view``), each a cached activation; an
 epoch shows every photo once, in one of its views picked at random.
+
+Activations travel as lists with one entry per base, in the backbone's order.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from components import base_models, images
+from components import images
 
 # Activations are stored and held in memory as float16: half the bytes, and the
 # first layers after the cut (a 1x1 convolution and BatchNorm) see no difference
@@ -64,28 +67,38 @@ def cut_index(base, fine_tune_at: int) -> int:
     return max(c for c, size in sizes.items() if size <= MAX_CUT_WIDTH * narrowest)
 
 
-def split(extractor, fine_tune_at: int):
-    """(front, top, cut): image [0, 255] -> activation at the cut; activation -> pooled features; the cut index.
+class Cut(NamedTuple):
+    """Where one base is cut: before layer ``index``, after the layer named ``layer``."""
+    index: int
+    layer: str
 
-    ``top`` shares its layers with ``extractor``'s base, so training it trains the
-    model that is exported. The extractor's input block must have no noise (it
-    would make the frozen part random): fine-tune takes the image path then.
+
+def split(backbone, extractor, fine_tune_at):
+    """(front, top, cuts): image [0, 255] -> [each base's activation at its cut]; those activations -> the
+    extractor's features; each base's Cut.
+
+    ``top`` shares its layers with ``extractor``'s bases, so training it trains the model that is exported. The
+    extractor's input block must have no noise (it would make the frozen part random): fine-tune takes the image
+    path then.
     """
     import keras
 
-    base = base_models.base_of(extractor)
-    cut = cut_index(base, fine_tune_at)
-    tensor = base.layers[cut - 1].output
-    inner_front = keras.Model(base.inputs, tensor, name="frozen_front")
+    from components.backbone import joined
+
     image = keras.Input(extractor.input_shape[1:], name="image")
-    x = image
-    for layer in extractor.layers[1:]:
-        if layer is base:
-            break
-        x = layer(x)
-    front = keras.Model(image, inner_front(x), name="front")
-    top = keras.Model(tensor, base.outputs[0], name="top")
-    return front, top, cut
+    at_cuts, inputs, outputs, cuts = [], [], [], []
+    branches = backbone.branches(extractor)
+    for i, ((in_front, net), at) in enumerate(zip(branches, backbone.fine_tune_indices(extractor, fine_tune_at))):
+        cut = cut_index(net, at)
+        tensor = net.layers[cut - 1].output
+        x = image
+        for layer in in_front:
+            x = layer(x)
+        at_cuts.append(keras.Model(net.inputs, tensor, name=f"frozen_front_{i}")(x))
+        inputs.append(keras.Input(tensor.shape[1:], name=f"activation_{i}"))
+        outputs.append(keras.Model(tensor, net.outputs[0], name=f"top_{i}")(inputs[-1]))
+        cuts.append(Cut(cut, net.layers[cut - 1].name))
+    return keras.Model(image, at_cuts, name="front"), keras.Model(inputs, joined(outputs), name="top"), cuts
 
 
 def fingerprint(base_fingerprint: str, cut_layer: str, view: str) -> str:
@@ -101,73 +114,87 @@ def views_for(augment) -> tuple[str, ...]:
     return images.VIEWS if augment.flip else images.VIEWS[:1]
 
 
-def compute(front, examples_dir, split: str, views, image_size: int, caches: dict, batch_size: int):
-    """(activations [n, views, *shape] float16, labels [n] int64) of one split, cached per photo and view.
+def shapes(front) -> list[tuple[int, ...]]:
+    """The shape of one photo's activation at each base's cut."""
+    return [tuple(int(d) for d in tensor.shape[1:]) for tensor in front.outputs]
 
-    ``caches``: view -> VectorCache, or None to keep nothing on disk. Photos whose
-    activations are cached are read; the others are decoded once and run through ``front``
-    in batches of ``batch_size`` views, each photo's views together (so recomputed values depend
-    on the batch in their last bits; see features.RECOMPUTED_ATOL).
+
+def compute(front, examples_dir, split: str, views, image_size: int, caches: list[dict], batch_size: int):
+    """([per base: activations [n, views, *shape] float16], labels [n] int64, views computed) of one split,
+    cached per photo, base and view.
+
+    ``caches``: per base, view -> VectorCache (an empty dict keeps nothing on disk). A photo's view is read when
+    every base has it cached; otherwise the photo is decoded once and its views go through ``front`` together,
+    in batches of ``batch_size`` views (so recomputed values depend on the batch in their last bits; see
+    features.RECOMPUTED_ATOL).
     """
     import tensorflow as tf
     from tqdm import tqdm
 
     from components import records
 
-    shape = tuple(int(d) for d in front.output_shape[1:])
+    per_base = shapes(front)
 
     # Each photo is decoded once, and its views go through ``front`` as one batch (view by view).
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
     def run(image_bytes):
         decoded = images.decode_batch(image_bytes, image_size)
-        return front(tf.concat([images.view(decoded, name) for name in views], axis=0), training=False)
+        return tf.nest.flatten(front(tf.concat([images.view(decoded, name) for name in views], axis=0), training=False))
 
-    rows, labels, pending = [], [], []
+    n = records.count(examples_dir, split)
+    # Filled in place, photo by photo: the split's activations are held once, never as a list and a copy.
+    acts = [np.empty((n, len(views)) + shape, STORED_DTYPE) for shape in per_base]
+    labels, pending = np.empty(n, np.int64), []
     computed = 0
+
+    def cached(sha: str, name: str) -> list | None:
+        found = [c[name].get(sha)[0] if c.get(name) is not None else None for c in caches] if caches else [None]
+        return None if any(a is None for a in found) else found
 
     def flush():
         nonlocal computed
         if not pending:
             return
-        out = run(tf.constant([data for _, _, data, _ in pending])).numpy().astype(STORED_DTYPE)
-        out = out.reshape((len(views), len(pending)) + shape)
-        for i, (row, sha, _, missing) in enumerate(pending):
-            for v in missing:  # a view already cached keeps its cached value
-                rows[row][v] = out[v, i]
-                if caches.get(views[v]) is not None:
-                    caches[views[v]].put(sha, out[v, i])
+        outs = run(tf.constant([data for _, _, data, _ in pending]))
+        for b, (out, shape) in enumerate(zip(outs, per_base)):
+            out = out.numpy().astype(STORED_DTYPE).reshape((len(views), len(pending)) + shape)
+            for i, (row, sha, _, missing) in enumerate(pending):
+                for v in missing:  # a view already cached keeps its cached value
+                    acts[b][row, v] = out[v, i]
+                    if caches and caches[b].get(views[v]) is not None:
+                        caches[b][views[v]].put(sha, out[v, i])
+        for _, _, _, missing in pending:
             computed += len(missing)
             bar.update(len(missing))
         pending.clear()
 
-    with tqdm(desc=f"fine-tune: {split} activations ({' + '.join(views)})", unit="view") as bar:
-        for example in records.dataset(examples_dir, split):
+    with tqdm(desc=f"fine-tune: {split} activations ({' + '.join(views)})", unit="view", total=n * len(views)) as bar:
+        for row, example in enumerate(records.dataset(examples_dir, split)):
             data = example[records.IMAGE].numpy()
             sha = hashlib.sha256(data).hexdigest()
-            row = len(rows)
-            rows.append(np.empty((len(views),) + shape, STORED_DTYPE))
-            labels.append(int(example[records.LABEL]))
+            labels[row] = int(example[records.LABEL])
             missing = []
             for v, name in enumerate(views):
-                cached, _ = caches[name].get(sha) if caches.get(name) is not None else (None, False)
-                if cached is None:
+                found = cached(sha, name)
+                if found is None:
                     missing.append(v)
                 else:
-                    rows[row][v] = cached
+                    for b, activation in enumerate(found):
+                        acts[b][row, v] = activation
                     bar.update()
             if missing:
                 pending.append((row, sha, data, missing))
                 if len(pending) * len(views) >= batch_size:  # front's batch: batch_size views, as before
                     flush()
         flush()
-    acts = np.stack(rows) if rows else np.zeros((0, len(views)) + shape, STORED_DTYPE)
-    return acts, np.asarray(labels, np.int64), computed
+    return acts, labels, computed
 
 
 class ActivationBatches:
-    """Keras batches of cached activations: each epoch every photo once, in one of its views picked at
-    random, shuffled; with ``mixup`` > 0 each photo is mixed with another one (activations and one-hot
-    labels, weight ~ Beta(mixup, mixup), the larger share to the photo itself), mixup in feature space.
+    """Keras batches of cached activations (one array per base, [photos, views, *shape]): each epoch every photo
+    once, in one of its views picked at random, shuffled; with ``mixup`` > 0 each photo is mixed with another one
+    (every base's activations and the one-hot labels, weight ~ Beta(mixup, mixup), the larger share to the photo
+    itself), mixup in feature space.
 
     Every epoch's order, views and mixing come from (seed, epoch) alone, and fit reads them from one
     generator, epoch after epoch (``from_epoch``), so a resumed run sees the same epochs. (A Keras
@@ -175,7 +202,7 @@ class ActivationBatches:
     last batches of an epoch come from depends on timing.)
     """
 
-    def __init__(self, acts: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int, seed: int,
+    def __init__(self, acts: list[np.ndarray], labels: np.ndarray, num_classes: int, batch_size: int, seed: int,
                  mixup: float):
         self.acts, self.labels, self.batch_size, self.seed, self.mixup = acts, labels, batch_size, seed, mixup
         self.one_hot = np.eye(num_classes, dtype=np.float32)
@@ -184,30 +211,30 @@ class ActivationBatches:
         """Batches per epoch (fit's steps_per_epoch)."""
         return -(-len(self.labels) // self.batch_size)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def epoch(self, epoch: int) -> Iterator[tuple[tuple[np.ndarray, ...], np.ndarray]]:
         rng = np.random.default_rng([self.seed, epoch])
         n = len(self.labels)
-        order, views = rng.permutation(n), rng.integers(0, self.acts.shape[1], n)
+        order, views = rng.permutation(n), rng.integers(0, self.acts[0].shape[1], n)
         partner, share = rng.permutation(n), np.ones(n, np.float32)
         if self.mixup:
             drawn = rng.beta(self.mixup, self.mixup, n).astype(np.float32)
             share = np.maximum(drawn, 1 - drawn)
 
         def example(rows):
-            """(activations in this epoch's view, one-hot labels) of ``rows``."""
-            return self.acts[rows, views[rows]].astype(np.float32), self.one_hot[self.labels[rows]]
+            """(each base's activations in this epoch's view, one-hot labels) of ``rows``."""
+            return [acts[rows, views[rows]].astype(np.float32) for acts in self.acts], self.one_hot[self.labels[rows]]
 
         for index in range(len(self)):
             rows = order[index * self.batch_size:(index + 1) * self.batch_size]
-            x, y = example(rows)
+            xs, y = example(rows)
             if self.mixup:
-                x_other, y_other = example(partner[rows])
-                x_share = share[rows].reshape((-1,) + (1,) * (x.ndim - 1))
-                x = x_share * x + (1 - x_share) * x_other
-                y = share[rows][:, None] * y + (1 - share[rows][:, None]) * y_other
-            yield x, y
+                xs_other, y_other = example(partner[rows])
+                mine = share[rows]
+                xs = [weighted(mine, x, x_other) for x, x_other in zip(xs, xs_other)]
+                y = weighted(mine, y, y_other)
+            yield tuple(xs), y
 
-    def from_epoch(self, first: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def from_epoch(self, first: int) -> Iterator[tuple[tuple[np.ndarray, ...], np.ndarray]]:
         """Every epoch's batches from ``first`` on, without end: fit takes len(self) per epoch."""
         epoch = first
         while True:
@@ -215,21 +242,12 @@ class ActivationBatches:
             epoch += 1
 
 
-def batches(acts: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int, seed: int,
+def weighted(share: np.ndarray, mine: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """share x mine + (1 - share) x other, one share per row."""
+    share = share.reshape((-1,) + (1,) * (mine.ndim - 1))
+    return share * mine + (1 - share) * other
+
+
+def batches(acts: list[np.ndarray], labels: np.ndarray, num_classes: int, batch_size: int, seed: int,
             mixup: float) -> ActivationBatches:
     return ActivationBatches(acts, labels, num_classes, batch_size, seed, mixup)
-
-
-def copy_weights(source, target) -> int:
-    """Set every layer of ``target`` that has weights to the same-named layer's of ``source``; returns how many.
-
-    A resumed fine-tune trains the top model it loaded from a checkpoint, not the one
-    sharing layers with the exported classifier: this carries its weights over.
-    """
-    found = {layer.name: layer for layer in base_models.all_layers(source) if layer.weights}
-    copied = 0
-    for layer in base_models.all_layers(target):
-        if layer.weights and layer.name in found and not hasattr(layer, "layers"):
-            layer.set_weights(found[layer.name].get_weights())
-            copied += 1
-    return copied

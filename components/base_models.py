@@ -11,12 +11,8 @@ files, converted once into ``$KERAS_HOME/models``. AlexNet (components/alexnet.p
 is an architecture only: no weights exist for it here, so ``base.weights: none``
 is its one valid choice (it is trained from scratch, presets/flowers_alexnet.yaml).
 
-Several bases joined by ``+`` (``efficientnet_lite0+efficientnet_lite1``) make one
-extractor whose features are theirs side by side: every base sees the photo at
-``base.image_size`` (by default the largest of their own sizes: a base gains from
-a larger photo than it was trained on, and one decode serves all) with its own
-preprocessing, all with ImageNet weights, all frozen. Their weights files travel
-as a tuple, one path per base.
+One base at a time: several side by side, the input block and what fine-tuning opens are
+components/backbone.py's.
 """
 from __future__ import annotations
 
@@ -51,6 +47,9 @@ class BaseSpec:
     # name, image_size -> the base itself (random weights, ending in its pooled features), for bases that
     # exist here as an architecture only: no weights file of any kind, so base.weights must be 'none'
     build_no_top: Callable | None = None
+    # name, a .pth path or 'imagenet', folder -> Keras weights file: for bases whose ImageNet weights come from a
+    # registry package's PyTorch file, converted once into the folder ($KERAS_HOME/models)
+    converted_weights: Callable | None = None
 
     @property
     def has_weights(self) -> bool:
@@ -99,7 +98,8 @@ REGISTRY: dict[str, BaseSpec] = {
                  _fixed_file("", "efficientnetb0_notop.h5", "https://storage.googleapis.com/keras-applications/"),
                  lambda alpha: 1280),
         *(BaseSpec(name, "", "lite", variant.image_size, 32, False, None, lambda alpha: efficientnet_lite.HEAD_FILTERS,
-                   efficientnet_lite.build, efficientnet_lite.POOL_LAYER)
+                   efficientnet_lite.build, efficientnet_lite.POOL_LAYER,
+                   converted_weights=efficientnet_lite.keras_weights)
           for name, variant in efficientnet_lite.VARIANTS.items()),
         BaseSpec(alexnet.NAME, "", alexnet.PREPROCESSING, alexnet.IMAGE_SIZE, alexnet.min_image_size(), False, None,
                  lambda alpha: alexnet.FEATURE_WIDTH, build_no_top=alexnet.build),
@@ -107,40 +107,7 @@ REGISTRY: dict[str, BaseSpec] = {
 }
 
 
-KERAS_PREFIX = "keras:"
-COMBINE = "+"
-
-
-def parts(model: str) -> list[str]:
-    """The bases a base.model names: one, or several joined by COMBINE."""
-    return [model] if is_keras_file(model) else model.split(COMBINE)
-
-
-def is_combined(model: str) -> bool:
-    """Several bases side by side (their features concatenated, every base frozen)."""
-    return len(parts(model)) > 1
-
-
-def default_size(model: str) -> int:
-    """The input size base.image_size 0 stands for: the base's own, the largest of several bases'."""
-    return max(REGISTRY[name].default_size for name in parts(model))
-
-
-def is_keras_file(model: str) -> bool:
-    """``keras:<path>``: any saved .keras model used as the base (a self-trained network)."""
-    return model.startswith(KERAS_PREFIX)
-
-
-def has_pretrained_weights(model: str) -> bool:
-    """False for a base that exists here as an architecture only (AlexNet): nothing pretrained to keep."""
-    return is_keras_file(model) or all(REGISTRY[name].has_weights for name in parts(model))
-
-
-def preprocessing_of(model: str) -> str:
-    # A self-trained base normalises inside itself, as graftline's own models do; several bases each their own way.
-    if is_combined(model):
-        return COMBINE.join(REGISTRY[name].preprocessing for name in parts(model))
-    return "raw" if is_keras_file(model) else REGISTRY[model].preprocessing
+KERAS_PREFIX = "keras:"  # base.model keras:<path>: any saved .keras model used as the base (a self-trained network)
 
 
 def keras_models_dir() -> Path:
@@ -149,12 +116,9 @@ def keras_models_dir() -> Path:
     return Path(home) / "models"
 
 
-def resolve_weights(model: str, alpha: float, image_size: int, weights: str) -> str | tuple[str, ...] | None:
-    """Return the weights file to load (None for random weights), fetching ImageNet's once; for several bases,
-    a tuple of each one's file (params allow them ImageNet's weights only)."""
-    if is_combined(model):
-        return tuple(resolve_weights(name, alpha, image_size, weights) for name in parts(model))
-    if is_keras_file(model):  # the weights are in the .keras file itself
+def resolve_weights(model: str, alpha: float, image_size: int, weights: str) -> str | None:
+    """Return one base's weights file to load (None for random weights), fetching ImageNet's once."""
+    if model.startswith(KERAS_PREFIX):  # the weights are in the .keras file itself
         path = Path(model[len(KERAS_PREFIX):]).expanduser()
         if not path.is_file():
             raise GraftlineError(f"params: base.model = {model!r}: no such .keras file {path}")
@@ -166,8 +130,9 @@ def resolve_weights(model: str, alpha: float, image_size: int, weights: str) -> 
         return str(path)
     if weights == "none":
         return None
-    if not REGISTRY[model].has_weights:  # params validation says so first; this is for direct callers
-        key, value, allowed = REGISTRY[model].problems(alpha, image_size, weights)[0]
+    spec = REGISTRY[model]
+    if not spec.has_weights:  # params validation says so first; this is for direct callers
+        key, value, allowed = spec.problems(alpha, image_size, weights)[0]
         raise GraftlineError(f"params: {key} = {value!r} is not allowed; expected {allowed}")
     if weights != "imagenet":
         path = Path(weights).expanduser()
@@ -176,14 +141,14 @@ def resolve_weights(model: str, alpha: float, image_size: int, weights: str) -> 
                 f"params: base.weights = {weights!r}: no such file. Point it at a Keras weights "
                 "file (.h5 / .weights.h5; for EfficientNet-Lite also a .pth), or use 'imagenet' or 'none'."
             )
-        if not (model in efficientnet_lite.VARIANTS and path.suffix == ".pth"):
+        if not (spec.converted_weights and path.suffix == ".pth"):
             return str(path)
-    if model in efficientnet_lite.VARIANTS:  # the registry package's .pth, or the one named: converted once
+    if spec.converted_weights:  # the registry package's .pth, or the one named: converted once
         folder = _models_folder(f"{model}'s converted weights go there; set KERAS_HOME to a writable folder")
-        return str(efficientnet_lite.keras_weights(model, weights, folder))
+        return str(spec.converted_weights(model, weights, folder))
     from components.fetch import fetch  # network code only when needed
 
-    name, url = REGISTRY[model].weights_file(alpha, image_size)
+    name, url = spec.weights_file(alpha, image_size)
     path = keras_models_dir() / name
     if path.is_file():
         return str(path)
@@ -236,7 +201,7 @@ def build_base(model: str, alpha: float, image_size: int, weights_path: str | No
     """The frozen-able base: no top, global average pooling, output = feature vector."""
     import keras
 
-    if is_keras_file(model):
+    if model.startswith(KERAS_PREFIX):
         return _keras_file_base(weights_path, image_size, feature_layer)
     spec = REGISTRY[model]
     if spec.build_no_top is not None:  # an architecture only: resolve_weights never names a file for it
@@ -276,80 +241,6 @@ def _cut_at_pool(spec: BaseSpec, model: str, image_size: int, weights_path: str 
     return keras.Model(full.inputs, full.get_layer(spec.pool_layer).output, name=model)
 
 
-def build_feature_extractor(model: str, alpha: float, image_size: int, weights_path: str | None,
-                            feature_layer: str = "", noise: float = 0.0, upsample: int = 1, seed: int | None = None):
-    """[0, 255] RGB images -> bottleneck features: [input block] + preprocessing + base (inference mode).
-
-    The input block is the CIFAR recipe's: Gaussian noise (in the base's input
-    scale; Keras applies it only in training) and an integer upsampling, so
-    small photos meet a base built for larger ones (the base sees image_size x upsample).
-    """
-    import keras
-
-    from components.images import ImagePreprocessing
-
-    if is_combined(model):
-        return _combined_extractor(model, alpha, image_size, weights_path)
-    base = build_base(model, alpha, image_size * upsample, weights_path, feature_layer)
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = ImagePreprocessing(preprocessing_of(model), name="preprocessing")(inputs)
-    if noise:
-        x = keras.layers.GaussianNoise(noise, seed=seed, name="input_noise")(x)
-    if upsample > 1:
-        x = keras.layers.UpSampling2D(upsample, interpolation="bilinear", name="input_upsample")(x)
-    # training=False keeps BatchNorm in inference mode even when layers are unfrozen.
-    features = base(x, training=False)
-    return keras.Model(inputs, features, name="feature_extractor")
-
-
-def _combined_extractor(model: str, alpha: float, image_size: int, weights_paths: tuple[str, ...]):
-    """Several bases side by side, all at ``image_size``: each normalises the photo its own way, and its pooled
-    features join the others' in the order the bases are named."""
-    import keras
-
-    from components.images import ImagePreprocessing
-
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    branches = []
-    for name, path in zip(parts(model), weights_paths, strict=True):
-        x = ImagePreprocessing(REGISTRY[name].preprocessing, name=f"preprocessing_{name}")(inputs)
-        base = build_base(name, alpha, image_size, path)
-        base.trainable = False  # several bases are features only: fine-tune trains none of them
-        branches.append(base(x, training=False))
-    features = keras.layers.Concatenate(name="features")(branches)
-    return keras.Model(inputs, features, name="feature_extractor")
-
-
-def cache_fingerprint(base, upsample: int, weights_path: str | tuple[str, ...]) -> str:
-    """Everything that determines what a base computes from a photo, hashed: the name of its cache folders
-    (features in the bottleneck stage, activations in fine-tune)."""
-    import hashlib
-    import json
-
-    from components import images
-    from components.fetch import sha256_of
-
-    spec = {
-        "model": base.model, "alpha": base.alpha, "image_size": base.image_size,
-        "weights_sha256": COMBINE.join(sha256_of(Path(path)) for path in
-                                       (weights_path if isinstance(weights_path, tuple) else (weights_path,))),
-        "feature_layer": base.feature_layer,
-        "upsample": upsample,
-        "preprocessing": preprocessing_of(base.model),
-        "decode": images.DECODE_VERSION,
-    }
-    # The folder's name starts with the base's, so a person can tell the caches apart.
-    tag = "keras" if is_keras_file(base.model) else base.model
-    return f"{tag}-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def extractor_for_params(params, weights_path: str | None):
-    """build_feature_extractor with the base and input-block params of a Params."""
-    b, block = params.base, params.input_block
-    return build_feature_extractor(b.model, b.alpha, b.image_size, weights_path, b.feature_layer,
-                                   block.noise, block.upsample, params.seed)
-
-
 def all_layers(model) -> list:
     """Every layer inside ``model``, nested models' layers included."""
     found = []
@@ -358,8 +249,3 @@ def all_layers(model) -> list:
         if hasattr(layer, "layers"):
             found += all_layers(layer)
     return found
-
-
-def base_of(extractor):
-    """The keras.applications model inside a feature extractor (whose layers fine_tune_at indexes)."""
-    return next(layer for layer in extractor.layers if hasattr(layer, "layers"))

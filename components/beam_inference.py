@@ -1,9 +1,9 @@
-"""The frozen base as a Beam RunInference model handler: a shard's images in, pooled features out.
+"""The frozen backbone as a Beam RunInference model handler: a shard's images in, pooled features out.
 
 The bottleneck stage's pipeline hands each shard's cache misses (a ``ShardWork``) to
-``FeatureExtractorHandler``, which loads the base once per worker process and runs decode +
-resize + the base's preprocessing + the base in one ``tf.function``, in batches of
-``bottleneck.batch_size``.
+``FeatureExtractorHandler``, which builds the backbone's extractor (components/backbone.py: every
+base with its preprocessing) once per worker process and runs decode + resize + the extractor in one
+``tf.function``, in batches of ``bottleneck.batch_size``.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import numpy as np
 from apache_beam.ml.inference import base as beam_inference
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from components import base_models, images
+from components import images
+from components.backbone import Backbone
 
 # Beam 2.77 imports `resource` together with an optional torch-only module, so
 # without torch it loses `resource` too and warns on every batch that memory
@@ -26,20 +27,17 @@ if getattr(beam_inference, "resource", True) is None:
 
     beam_inference.resource = _resource
 
-# Extractors and their tf.functions built in this process, by (model, alpha, image_size,
-# weights, ...): the one run() builds to check the weights is reused by an in-memory
-# runner's handler, and a Dask worker builds one for all the shards it is given.
-_EXTRACTORS: dict[tuple, Any] = {}
-_INFER_FUNCTIONS: dict[tuple, Any] = {}
+# Extractors and their tf.functions built in this process, by backbone: the one run() builds to
+# check the weights is reused by an in-memory runner's handler, and a Dask worker builds one for all
+# the shards it is given.
+_EXTRACTORS: dict[Backbone, Any] = {}
+_INFER_FUNCTIONS: dict[Backbone, Any] = {}
 
 
-def extractor_for(model: str, alpha: float, image_size: int, weights_path: str | None, feature_layer: str = "",
-                  upsample: int = 1):
-    # The input block's noise is off at inference, so it does not change features.
-    key = (model, alpha, image_size, weights_path, feature_layer, 0.0, upsample)
-    if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = base_models.build_feature_extractor(*key)
-    return _EXTRACTORS[key]
+def extractor_for(backbone: Backbone):
+    if backbone not in _EXTRACTORS:
+        _EXTRACTORS[backbone] = backbone.extractor()
+    return _EXTRACTORS[backbone]
 
 
 @dataclasses.dataclass
@@ -64,10 +62,9 @@ class FeatureExtractorHandler(ModelHandler[ShardWork, PredictionResult, Any]):
     DaskRunner would drop.
     """
 
-    def __init__(self, model: str, alpha: float, image_size: int, weights_path: str | None,
-                 feature_layer: str, upsample: int, batch_size: int, tf_threads: int = 0):
+    def __init__(self, backbone: Backbone, batch_size: int, tf_threads: int = 0):
         super().__init__()
-        self._spec = (model, alpha, image_size, weights_path, feature_layer, upsample)
+        self._backbone = backbone
         self._batch_size = batch_size
         self._tf_threads = tf_threads
         self._bar = None
@@ -75,23 +72,23 @@ class FeatureExtractorHandler(ModelHandler[ShardWork, PredictionResult, Any]):
     def load_model(self):
         import tensorflow as tf
 
-        if self._spec in _INFER_FUNCTIONS:  # the Dask runner sets the DoFn up once per shard
-            return _INFER_FUNCTIONS[self._spec]
+        if self._backbone in _INFER_FUNCTIONS:  # the Dask runner sets the DoFn up once per shard
+            return _INFER_FUNCTIONS[self._backbone]
         if self._tf_threads:
             try:  # a fresh worker process: size its pools so workers x threads <= cores
                 tf.config.threading.set_intra_op_parallelism_threads(self._tf_threads)
                 tf.config.threading.set_inter_op_parallelism_threads(self._tf_threads)
             except RuntimeError:
                 pass  # TensorFlow already running in this process (in-memory mode): keep its pools
-        extractor = extractor_for(*self._spec)
-        image_size = self._spec[2]
+        extractor = extractor_for(self._backbone)
+        image_size = self._backbone.image_size
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], reduce_retracing=True)
         def infer(image_bytes):
             return extractor(images.decode_batch(image_bytes, image_size), training=False)
 
         infer.extractor = extractor  # keep the Keras model alive with its function
-        _INFER_FUNCTIONS[self._spec] = infer
+        _INFER_FUNCTIONS[self._backbone] = infer
         return infer
 
     def run_inference(self, batch: Sequence[ShardWork], model, inference_args=None) -> Iterable[PredictionResult]:

@@ -45,11 +45,7 @@ def image_dataset(examples_dir: Path, split: str, image_size: int, batch_size: i
 
 def split_batch_size(examples_dir: Path, split: str, placement: dict) -> int:
     """The global batch size, made to split evenly over several replicas (see devices.batch_for)."""
-    import tensorflow as tf
-
     replicas, global_batch = placement["replicas"], placement["global_batch_size"]
     if replicas == 1:
         return global_batch  # no need to count the photos
-    paths = [str(p) for p in records.shard_paths(examples_dir, split)]
-    count = int(tf.data.TFRecordDataset(paths, compression_type=records.COMPRESSION).reduce(0, lambda n, _: n + 1))
-    return devices.batch_for(global_batch, replicas, count, f"fine-tune: {split} split")
+    return devices.batch_for(global_batch, replicas, records.count(examples_dir, split), f"fine-tune: {split} split")

@@ -165,6 +165,14 @@ def dataset(examples_dir: Path, split: str):
     return tf.data.TFRecordDataset(paths, compression_type=COMPRESSION).map(parse)
 
 
+def count(examples_dir: Path, split: str) -> int:
+    """How many examples one split holds (its shards read through, nothing parsed)."""
+    import tensorflow as tf
+
+    paths = [str(p) for p in shard_paths(examples_dir, split)]
+    return int(tf.data.TFRecordDataset(paths, compression_type=COMPRESSION).reduce(0, lambda n, _: n + 1))
+
+
 def write_shards(records, out_dir: Path, split: str, count: int, shard_size: int) -> list[Path]:
     """Write ``count`` records of one split as ceil(count / shard_size) gzip TFRecord shards (no TensorFlow:
     Beam's TFRecord framing with its CRC32C checksums, gzip with no timestamp, so the bytes repeat)."""

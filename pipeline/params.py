@@ -116,8 +116,8 @@ class BaseParams(Section):
                        "`mobilenet_v2`, `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2`, "
                        "`inception_v3`, `vgg16`, `resnet50`, `efficientnet_b0`, `alexnet` (architecture only: "
                        "`base.weights: none`, trained from scratch), `keras:<path to a .keras model>`, or several "
-                       "pretrained bases joined by `+` (`efficientnet_lite0+efficientnet_lite1+efficientnet_lite2`: their "
-                       "features side by side, every base frozen, so `fine_tune_at: -1`)")
+                       "bases joined by `+` (`efficientnet_lite0+efficientnet_lite1+efficientnet_lite2`: their "
+                       "features side by side, each fine-tuned from `fine_tune_at`)")
     alpha: float = param(1.0, "width multiplier (MobileNetV2: 0.35, 0.5, 0.75, 1.0, 1.3, 1.4)")
     image_size: int = param(0, "pixels a side the base sees (before `input_block.upsample`); 0 = the base's own: "
                             "MobileNetV2 160, EfficientNet-Lite0/1/2 224/240/260, Inception-v3 299, AlexNet 227, "
@@ -131,56 +131,17 @@ class BaseParams(Section):
                                "before the last)")
 
     def __post_init__(self):
-        from components import base_models
+        from components import backbone
 
         # 0 stands for the base's own input size, so that `-S base.model=...` alone gives each base its size.
-        if self.image_size == 0 and all(name in base_models.REGISTRY for name in base_models.parts(self.model)):
-            object.__setattr__(self, "image_size", base_models.default_size(self.model))
+        if self.image_size == 0 and backbone.default_size(self.model):
+            object.__setattr__(self, "image_size", backbone.default_size(self.model))
 
     def check(self, params: Params) -> None:
-        from components import base_models  # the registry knows each model's sizes and widths
+        from components import backbone  # the registry knows each model's sizes and widths
 
-        if base_models.is_keras_file(self.model):
-            if self.image_size < 8:
-                _fail("base.image_size", self.image_size, "an integer >= 8, the input size of the keras: model")
-            return
-        if self.feature_layer:
-            _fail("base.feature_layer", self.feature_layer, f"'' for {self.model} (it applies to keras:<path> bases)")
-        if base_models.is_combined(self.model):
-            return self.check_combined(params)
-        if self.model not in base_models.REGISTRY:
-            _fail("base.model", self.model,
-                  f"one of {', '.join(sorted(base_models.REGISTRY))}, or keras:<path to a .keras model>")
-        upsampled = self.image_size * params.input_block.upsample
-        # alexnet: base.weights none only (an architecture without weights here)
-        for key, value, allowed in base_models.REGISTRY[self.model].problems(self.alpha, upsampled, self.weights):
+        for key, value, allowed in backbone.problems(self, params.input_block.upsample)[:1]:
             _fail(key, value, allowed)
-
-    def check_combined(self, params: Params) -> None:
-        """Several bases side by side: pretrained ones, each once, all frozen, no input block."""
-        from components import base_models
-
-        names = base_models.parts(self.model)
-        pretrained = sorted(n for n, spec in base_models.REGISTRY.items() if spec.has_weights)
-        for name in names:
-            if name not in pretrained:
-                _fail("base.model", self.model, f"bases joined by '+', each one of {', '.join(pretrained)} "
-                                                f"({name!r} is not)")
-        if len(set(names)) < len(names):
-            _fail("base.model", self.model, "each base named once")
-        if self.weights != "imagenet":
-            _fail("base.weights", self.weights, f"imagenet: {self.model} joins several bases, each with its ImageNet "
-                                                "weights")
-        for name in names:
-            for key, value, allowed in base_models.REGISTRY[name].problems(self.alpha, self.image_size):
-                _fail(key, value, allowed)
-        if params.fine_tune_at != -1:
-            _fail("fine_tune_at", params.fine_tune_at, f"-1: the bases of {self.model} stay frozen (their features "
-                                                       "side by side are the model); to fine-tune, name one base")
-        block = params.input_block
-        if block.noise or block.upsample != 1:
-            _fail("input_block", {"noise": block.noise, "upsample": block.upsample},
-                  f"noise 0 and upsample 1 with several bases ({self.model})")
 
 
 @dataclass(frozen=True)
@@ -333,11 +294,12 @@ class TfxParams(Section):
 @dataclass(frozen=True)
 class Params(Section):
     seed: int = param(42, "seeds Python, NumPy, TensorFlow")
-    fine_tune_at: int | str = param(-1, "base layers with index >= this are trained in fine-tune (MobileNetV2 has "
-                                    "155, EfficientNet-Lite0 142, Lite1 and Lite2 187), or from the layer of this "
-                                    "name up (e.g. `block_13_expand`); -1 freezes the base",
+    fine_tune_at: int | str = param(-1, "fine-tune trains the layers with index >= this of every base, each base's "
+                                    "own index (MobileNetV2 has 155, EfficientNet-Lite0 142, Lite1 and Lite2 187: at "
+                                    "most the shortest base's count), or from the layer of this name up in every base "
+                                    "(e.g. `block_13_expand`); -1 freezes the bases",
                                     lambda v: v != "" if isinstance(v, str) else v >= -1,
-                                    "-1 (freeze the whole base), a layer index >= 0, or a layer name of the base")
+                                    "-1 (freeze the bases), a layer index >= 0, or a layer name of the bases")
     data: DataParams = field(default_factory=DataParams)
     base: BaseParams = field(default_factory=BaseParams)
     input_block: InputBlockParams = field(default_factory=InputBlockParams)

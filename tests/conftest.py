@@ -119,6 +119,15 @@ def write_untrained_head(head_dir: Path, labels: list[str]) -> None:
     write_csv(head_dir / head_lib.HEAD_HISTORY, recipe.CURVE_COLUMNS, [])
 
 
+def backbone_of(training: bool = True, **sections):
+    """The Backbone (components/backbone.py) of params with these sections (``base={...}``, ``input_block={...}``,
+    ``fine_tune_at=...``), each base's weights resolved as a stage resolves them."""
+    from components.backbone import Backbone
+    from pipeline import params as params_mod
+
+    return Backbone.from_params(params_mod.from_dict(sections), training)
+
+
 # The last stdout line of cli_probe when the command did not import TensorFlow.
 TENSORFLOW_NOT_LOADED = "tensorflow loaded: False"
 

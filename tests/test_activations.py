@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components import activations, base_models, datasets, images, records
+from components import activations, datasets, images, records
+from components.backbone import Backbone, networks
 from components.stages import ingest
 from conftest import SHARED, require_shared
 from drawing import make_class_tree
@@ -42,13 +43,18 @@ def setup(tmp_path_factory):
 
 
 def extractor(p, weights):
-    return base_models.extractor_for_params(p, weights)
+    return Backbone.from_params(p).extractor()
+
+
+def split(p, fine_tune_at, model=None):
+    """activations.split of ``model`` (default: a fresh extractor) at ``fine_tune_at``: (front, top, cuts)."""
+    return activations.split(Backbone.from_params(p), model or extractor(p, None), fine_tune_at)
 
 
 @pytest.mark.parametrize("fine_tune_at, cut", [(100, 98), (98, 98), (125, 125), (134, 134), (1, 1), (60, 60)])
 def test_the_cut_is_the_last_single_tensor_at_or_below_fine_tune_at(setup, fine_tune_at, cut):
     p, weights, _ = setup
-    base = base_models.base_of(extractor(p, weights))
+    [base] = networks(extractor(p, weights))
     assert activations.cut_index(base, fine_tune_at) == cut
     # block_11 (98..106) adds its input back: inside it two tensors cross, so 99..106 are never cuts.
     for inside in range(99, 107):
@@ -61,7 +67,7 @@ def test_the_cut_skips_back_past_an_expanded_tensor_to_the_narrow_one_below(setu
     # At 56 and 57 the last single tensor is block_6's 1x1 expansion (6x block_5_add's channels):
     # caching it would take 6x the memory and disk of block_5_add, two layers below.
     p, weights, _ = setup
-    base = base_models.base_of(extractor(p, weights))
+    [base] = networks(extractor(p, weights))
     cut = activations.cut_index(base, fine_tune_at)
     assert base.layers[cut - 1].name == cut_layer
     narrowest = min(int(np.prod(layer.output.shape[1:])) for layer in base.layers[:fine_tune_at])
@@ -71,14 +77,14 @@ def test_the_cut_skips_back_past_an_expanded_tensor_to_the_narrow_one_below(setu
 def test_front_then_top_is_the_extractor(setup):
     p, weights, examples = setup
     model = extractor(p, weights)
-    front, top, cut = activations.split(model, 100)
-    assert cut == 98 and front.output_shape[1:] == (6, 6, 32)
+    front, top, [cut] = split(p, 100, model)
+    assert cut == (98, "block_10_project_BN") and activations.shapes(front) == [(6, 6, 32)]
     batch = next(iter(records.dataset(examples, "train").batch(6)))[records.IMAGE]
     pixels = images.decode_batch(batch, SIZE)
     np.testing.assert_allclose(top(front(pixels)).numpy(), model(pixels).numpy(), atol=1e-5)
     # top shares the base's layers: what fine-tuning changes is what gets exported
-    base = base_models.base_of(model)
-    assert all(layer is base.get_layer(layer.name) for layer in top.layers[1:])
+    [base], [top_of_base] = networks(model), networks(top)
+    assert all(layer is base.get_layer(layer.name) for layer in top_of_base.layers[1:])
 
 
 def test_the_first_batch_loss_from_cached_activations_is_the_loss_from_the_images(setup):
@@ -91,9 +97,9 @@ def test_the_first_batch_loss_from_cached_activations_is_the_loss_from_the_image
     runtime.configure(p.seed)
     head = keras.Sequential([keras.Input((1280,)), keras.layers.Dense(3, activation="softmax", name="head_dense")],
                             name="head")
-    classifier, _ = fine_tune.build_classifier(p, head)
-    front, top, _ = activations.split(classifier.get_layer("feature_extractor"), p.fine_tune_at)
-    acts, labels, computed = activations.compute(front, examples, "train", ("identity",), SIZE, {}, 8)
+    classifier, _ = fine_tune.build_classifier(p, Backbone.from_params(p), head)
+    front, top, _ = split(p, 100, classifier.get_layer("feature_extractor"))
+    [acts], labels, computed = activations.compute(front, examples, "train", ("identity",), SIZE, [], 8)
     assert computed == len(labels) == acts.shape[0] > 0
     pixels = np.concatenate([x.numpy() for x, _ in datasets.image_dataset(examples, "train", SIZE, 64)])
     loss = keras.losses.SparseCategoricalCrossentropy()
@@ -113,10 +119,11 @@ def test_activations_are_cached_per_photo_and_view(setup, tmp_path):
     from components.vector_cache import VectorCache
 
     p, weights, examples = setup
-    front, _, _ = activations.split(extractor(p, weights), 100)
-    shape = front.output_shape[1:]
-    caches = {v: VectorCache(str(tmp_path), f"acts-{v}", shape, activations.STORED_DTYPE, "f16") for v in images.VIEWS}
-    first, labels, computed = activations.compute(front, examples, "train", images.VIEWS, SIZE, caches, 5)
+    front, _, _ = split(p, 100)
+    [shape] = activations.shapes(front)
+    caches = [{v: VectorCache(str(tmp_path), f"acts-{v}", shape, activations.STORED_DTYPE, "f16")
+               for v in images.VIEWS}]
+    [first], labels, computed = activations.compute(front, examples, "train", images.VIEWS, SIZE, caches, 5)
     assert computed == 2 * len(labels) and first.dtype == np.float16 and first.shape[1] == 2
     assert not np.array_equal(first[:, 0], first[:, 1])  # the mirror is another view
     # each photo's row holds its own views, in order: the photo, then its mirror (batches decode once for both)
@@ -124,7 +131,8 @@ def test_activations_are_cached_per_photo_and_view(setup, tmp_path):
     for v, name in enumerate(images.VIEWS):
         want = front(images.view(pixels, name), training=False).numpy()
         np.testing.assert_allclose(first[:, v].astype(np.float32), want, atol=ACTIVATION_ATOL, rtol=1e-2)
-    again, labels_again, computed_again = activations.compute(front, examples, "train", images.VIEWS, SIZE, caches, 5)
+    [again], labels_again, computed_again = activations.compute(front, examples, "train", images.VIEWS, SIZE, caches,
+                                                                5)
     assert computed_again == 0 and np.array_equal(again, first) and np.array_equal(labels_again, labels)
     torn = sorted((tmp_path / "acts-flip").rglob("*.f16"))[0]
     torn.write_bytes(torn.read_bytes()[:100])
@@ -135,9 +143,9 @@ def test_activations_are_cached_per_photo_and_view(setup, tmp_path):
 def test_each_epoch_shows_every_photo_once_in_a_seeded_view():
     acts = np.arange(10 * 2 * 3, dtype=np.float16).reshape(10, 2, 3)  # photo i, view v -> distinct values
     labels = np.arange(10) % 3
-    plain = activations.batches(acts, labels, 3, 4, seed=7, mixup=0.0)
+    plain = activations.batches([acts], labels, 3, 4, seed=7, mixup=0.0)
     assert len(plain) == 3
-    first = list(plain.epoch(0))
+    first = [(x, y) for (x,), y in plain.epoch(0)]
     assert len(first) == 3
     seen = np.concatenate([x for x, _ in first])
     photos = (seen[:, 0] // 6).astype(int)
@@ -146,40 +154,30 @@ def test_each_epoch_shows_every_photo_once_in_a_seeded_view():
     assert 0 < views.sum() < 10  # some photos mirrored, some not
     labels_seen = np.concatenate([y for _, y in first])
     np.testing.assert_array_equal(labels_seen.argmax(1), labels[photos])
-    again = activations.batches(acts, labels, 3, 4, seed=7, mixup=0.0)
-    np.testing.assert_array_equal(next(again.epoch(0))[0], first[0][0])  # same seed, same epoch: same batches
+    again = activations.batches([acts], labels, 3, 4, seed=7, mixup=0.0)
+    np.testing.assert_array_equal(next(again.epoch(0))[0][0], first[0][0])  # same seed, same epoch: same batches
     second = list(plain.epoch(1))
-    assert not np.array_equal(second[0][0], first[0][0])  # the next epoch is another draw
+    assert not np.array_equal(second[0][0][0], first[0][0])  # the next epoch is another draw
     # fit reads one stream: epoch after epoch; a run resumed after epoch 1 reads the same epoch 2 on
     stream = plain.from_epoch(0)
     through = [next(stream) for _ in range(6)]
     resumed = again.from_epoch(1)
     for (x, y), (x_resumed, y_resumed) in zip(through[3:], [next(resumed) for _ in range(3)]):
-        np.testing.assert_array_equal(x, x_resumed)
+        np.testing.assert_array_equal(x[0], x_resumed[0])
         np.testing.assert_array_equal(y, y_resumed)
 
 
-def test_mixup_mixes_activations_and_labels_with_the_larger_share_to_the_photo():
+def test_mixup_mixes_every_base_s_activations_and_the_labels_alike_with_the_larger_share_to_the_photo():
     acts = np.eye(6, dtype=np.float16).reshape(6, 1, 6)  # photo i = unit vector i
+    other_base = 10 * np.eye(6, dtype=np.float16)[:, None, ::-1]  # another base: photo i = 10 x unit vector 5 - i
     labels = np.array([0, 1, 2, 0, 1, 2])
-    x, y = next(activations.batches(acts, labels, 3, 6, seed=3, mixup=0.4).epoch(0))
+    (x, x_other), y = next(activations.batches([acts, other_base], labels, 3, 6, seed=3, mixup=0.4).epoch(0))
     np.testing.assert_allclose(y.sum(1), 1.0, atol=1e-6)
     np.testing.assert_allclose(x.sum(1), 1.0, atol=1e-3)  # a convex mix of two photos
     top = x.max(1)
     assert (top >= 0.5 - 1e-3).all() and (top < 1).any()
-
-
-def test_copy_weights_carries_a_resumed_models_weights_over():
-    import keras
-
-    def model(seed):
-        keras.utils.set_random_seed(seed)
-        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="a"), keras.layers.Dense(2, name="b")])
-
-    source, target = model(1), model(2)
-    assert activations.copy_weights(source, target) == 2
-    for s, t in zip(source.get_weights(), target.get_weights()):
-        np.testing.assert_array_equal(s, t)
+    # the second base's activations are mixed from the same photos with the same shares
+    np.testing.assert_allclose(x_other[:, ::-1] / 10, x, atol=1e-3)
 
 
 def test_flip_averaging_is_the_mean_over_the_photo_and_its_mirror(setup):

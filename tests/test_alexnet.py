@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from components import alexnet, base_models
+from components.backbone import networks
 from components.errors import GraftlineError
-from conftest import BIN, FLOWERS, REPO, project_env, require_shared, run
+from conftest import BIN, FLOWERS, REPO, backbone_of, project_env, require_shared, run
 from pipeline import params as params_mod
 from pipeline import presets
 
@@ -58,9 +59,12 @@ def test_layers_have_the_classic_names_and_shapes_at_227(base):
 def test_registry_entry_and_extractor():
     spec = base_models.REGISTRY["alexnet"]
     assert (spec.default_size, spec.feature_width(1.0), spec.preprocessing) == (227, 256, "tf")
-    extractor = base_models.build_feature_extractor("alexnet", 1.0, 227, None)
+    backbone = backbone_of(base={"model": "alexnet", "weights": "none"})
+    [base] = backbone.bases
+    assert base.weights is None and base.learns_batchnorm  # an architecture only: its BatchNorm learns
+    extractor = backbone.extractor()
     assert extractor.get_layer("preprocessing").mode == "tf"  # [0, 255] -> [-1, 1], inside the model
-    assert base_models.base_of(extractor).name == "alexnet"
+    assert [net.name for net in networks(extractor)] == ["alexnet"]
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 227, 227, 3)).astype(np.float32)
     features = np.asarray(extractor.predict(pixels, verbose=0))
     assert features.shape == (2, 256) and np.isfinite(features).all() and (features >= 0).all()  # pooled ReLUs
@@ -99,17 +103,16 @@ def test_the_cli_says_it_in_one_line_and_exit_2(tmp_path):
 
 
 def test_fine_tune_at_names_a_classic_layer(base):
-    from components.stages import fine_tune
-
+    backbone = backbone_of(base={"model": "alexnet", "weights": "none"})
+    extractor = backbone.extractor()
     names = [layer.name for layer in base.layers]
     for name in ("conv3", "pool2", "conv5_bn"):
-        params = params_mod.from_dict({"base": {"model": "alexnet", "weights": "none"}, "fine_tune_at": name})
-        assert fine_tune.fine_tune_index(params, base) == names.index(name)
+        params_mod.from_dict({"base": {"model": "alexnet", "weights": "none"}, "fine_tune_at": name})  # allowed
+        assert backbone.fine_tune_indices(extractor, name) == [names.index(name)]
     assert names.index("conv3") == 9
-    params = params_mod.from_dict({"base": {"model": "alexnet", "weights": "none"}, "fine_tune_at": "conv6"})
     with pytest.raises(GraftlineError, match=r"fine_tune_at = 'conv6' is not a layer of alexnet; the nearest "
                                              r"names: conv[1-5]"):
-        fine_tune.fine_tune_index(params, base)
+        backbone.fine_tune_indices(extractor, "conv6")
 
 
 def test_the_preset_trains_every_layer_on_images_from_scratch():
@@ -155,7 +158,7 @@ def test_one_epoch_runs_every_stage_on_random_alexnet_features(one_epoch):
     ingest = read(one_epoch, "reports/ingest.json")
     assert ingest["num_examples"] == sum(ingest["splits"].values()) == 400
     bottleneck = read(one_epoch, "reports/bottleneck.json")
-    assert bottleneck["base"] == {"model": "alexnet", "alpha": 1.0, "image_size": 227, "weights": "none"}
+    assert bottleneck["base"] == {"model": "alexnet", "alpha": 1.0, "image_size": 227, "weights": ["none"]}
     assert bottleneck["feature_width"] == 256 and bottleneck["forward_passes"] == 400
     assert bottleneck["rows"] == ingest["splits"]
     head = read(one_epoch, "metrics/train_head.json")
@@ -166,7 +169,8 @@ def test_one_epoch_runs_every_stage_on_random_alexnet_features(one_epoch):
     assert fine["trainable_base_layers"] == len(LAYERS_227)  # every layer opened
     assert 0 <= fine["accuracy"] <= 1 and 0 <= fine["val_accuracy"] <= 1 and np.isfinite(fine["loss"])
     report = read(one_epoch, "reports/fine_tune.json")
-    assert report["trained_from"] == "images" and report["base_layers"] == len(LAYERS_227)
+    assert report["trained_from"] == "images" and [b["layers"] for b in report["bases"]] == [len(LAYERS_227)]
+    assert report["bases"][0]["frozen_batchnorm_layers"] == 0  # from scratch, BatchNorm learns
     assert report["train_s"] > 0 and report["test_time_augmentation"] == "none"
     assert report["learning_rate"] == {"schedule": "cosine", "per_epoch": [0.0005]}  # the cosine at mid-epoch
     assert report["tflite"]["float"]["top1_agreement"] >= 0.95  # an untrained network's close calls may differ
@@ -188,7 +192,7 @@ def test_the_exported_model_is_alexnet_with_its_layers(one_epoch):
     labels = read(one_epoch, "artifacts/labels.json")
     model = keras.saving.load_model(model_dir / "model.keras", compile=False)
     assert tuple(model.input_shape) == (None, 227, 227, 3) and tuple(model.output_shape) == (None, len(labels))
-    base = base_models.base_of(model.get_layer("feature_extractor"))
+    [base] = networks(model)
     assert [(layer.name, tuple(layer.output.shape[1:])) for layer in base.layers] == LAYERS_227
     photo = np.random.default_rng(1).uniform(0, 255, (1, 227, 227, 3)).astype(np.float32)
     probabilities = np.asarray(model(photo))

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from components import base_models
+from components.backbone import networks
 from components.errors import GraftlineError
+from conftest import backbone_of
 
 KERAS_NAME_160 = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_160_no_top.h5"
 
@@ -121,9 +123,13 @@ def test_problems_name_bad_alpha_and_small_images():
     assert base_models.REGISTRY["vgg16"].problems(alpha=0.6, image_size=32) == []  # alpha means nothing to VGG
 
 
+def extractor_of(alpha: float, size: int = 96):
+    return backbone_of(base={"model": "mobilenet_v2", "alpha": alpha, "image_size": size, "weights": "none"}).extractor()
+
+
 @pytest.fixture(scope="module")
 def small_extractor():
-    return base_models.build_feature_extractor("mobilenet_v2", 0.35, 96, None)
+    return extractor_of(0.35)
 
 
 def test_feature_extractor_outputs_the_pooled_feature_vector(small_extractor):
@@ -136,14 +142,14 @@ def test_feature_extractor_outputs_the_pooled_feature_vector(small_extractor):
     assert out.shape == (2, 1280) and np.isfinite(out).all()
 
 
-def test_base_of_finds_the_keras_application(small_extractor):
-    base = base_models.base_of(small_extractor)
+def test_networks_finds_the_keras_application(small_extractor):
+    [base] = networks(small_extractor)
     assert base.name.startswith("mobilenetv2")
     assert len(base.layers) > 100
 
 
 def test_feature_width_of_a_wide_mobilenet_matches_keras():
-    extractor = base_models.build_feature_extractor("mobilenet_v2", 1.3, 96, None)
+    extractor = extractor_of(1.3)
     assert extractor.output.shape[1] == base_models.REGISTRY["mobilenet_v2"].feature_width(1.3) == 1664
 
 

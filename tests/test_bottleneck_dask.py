@@ -248,3 +248,40 @@ def test_a_worker_killed_mid_run_leaves_no_partial_output(env, photos, dask_proj
         vector, rejected = reader.get(entry.stem)
         assert vector is not None and not rejected
         np.testing.assert_allclose(vector, direct_features_by_sha[entry.stem], atol=features.RECOMPUTED_ATOL)
+
+
+def test_several_bases_on_dask_give_the_backbone_s_features(env, dask_project, tmp_path):
+    """Two bases side by side on the same cluster: every photo's features are the backbone's (each base's own,
+    side by side) as this process computes them, both workers took part, and the cache folder is the pair's."""
+    import tensorflow as tf
+
+    from components import images
+    from components.backbone import Backbone
+    from conftest import keras_home_set
+    from pipeline import params as params_mod
+
+    pair = "efficientnet_lite0+mobilenet_v2"
+    root = tmp_path / "project"
+    shutil.copytree(dask_project["root"], root,
+                    ignore=shutil.ignore_patterns(".dvc", ".git", "feature_cache", "bottlenecks"))
+    (root / "reports" / "bottleneck.json").unlink()
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["base"].update(model=pair, image_size=160)  # MobileNetV2's shared weights are the 160 px file here
+    params["bottleneck"]["cache_dir"] = str(tmp_path / "cache")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run([str(BIN / "graftline"), "bottleneck"], root, env, tmp_path / "bottleneck.log")
+
+    report = json.loads((root / "reports" / "bottleneck.json").read_text())
+    assert report["feature_width"] == 2 * 1280 and report["forward_passes"] == PHOTOS
+    assert set(worker_pids(report)) == {w.pid for w in dask_project["cluster"].workers}
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()] == [pair]
+    with keras_home_set(env["KERAS_HOME"]):
+        extractor = Backbone.from_params(params_mod.load(root / "params.yaml"), training=False).extractor()
+    recs = [r for split in records.SPLITS
+            for shard in records.shard_paths(root / "artifacts" / "examples", split) for r in records.read_shard(str(shard))]
+    here = {}
+    for i in range(0, len(recs), 16):
+        batch = recs[i:i + 16]
+        computed = extractor(images.decode_batch(tf.constant([r.image for r in batch]), 160), training=False).numpy()
+        here.update({r.key: vector for r, vector in zip(batch, computed)})
+    assert_same_features(features_of(root / "artifacts" / "bottlenecks"), here)

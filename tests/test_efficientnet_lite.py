@@ -139,7 +139,7 @@ def test_converted_lite0_calls_daisies_daisy(keras_home):
     model.load_weights(weights)
     photos = sorted((FLOWERS / "daisy").glob("*.jpg"))
     pixels = tf.stack([images.decode_and_resize(tf.io.read_file(str(p)), 224) for p in photos])
-    normalised = images.ImagePreprocessing(base_models.preprocessing_of("efficientnet_lite0"))(pixels)
+    normalised = images.ImagePreprocessing(base_models.REGISTRY["efficientnet_lite0"].preprocessing)(pixels)
     top = model.predict(normalised, batch_size=16, verbose=0).argmax(axis=1)
     assert len(photos) >= 40 and np.mean(top == IMAGENET_DAISY) >= 0.75, np.bincount(top).argsort()[-3:]
 
@@ -183,8 +183,9 @@ def test_lite0_tfx_run_caches_by_base_and_fine_tunes_from_activations(lite_tfx_r
     assert all(c.startswith("activations-efficientnet_lite0-") for c in caches[:2])
     reports = {p.parts[-3]: p for p in (lite_tfx_run["root"].parent / "tfx" / "pipeline").glob("*/report/*")}
     fine_tune = json.loads((reports["FineTune"] / "reports" / "fine_tune.json").read_text())
-    assert fine_tune["trained_from"] == "activations" and fine_tune["base_layers"] == 142
-    assert fine_tune["activations"]["cut_layer"].startswith("block_") and fine_tune["activations"]["computed"] > 0
+    assert fine_tune["trained_from"] == "activations" and [b["layers"] for b in fine_tune["bases"]] == [142]
+    [cut] = fine_tune["activations"]["bases"]
+    assert cut["cut_layer"].startswith("block_") and fine_tune["activations"]["computed"] > 0
     metrics = json.loads((reports["FineTune"] / "metrics" / "fine_tune.json").read_text())
     assert metrics["tflite_float_top1_agreement"] == 1.0 and metrics["tflite_dynamic_range_top1_agreement"] >= 0.8
     # Real ImageNet features: far above the 0.2 of chance, even on this few photos.
@@ -223,21 +224,20 @@ def test_each_lite_base_gets_its_own_size_unless_one_is_given():
 @pytest.mark.parametrize("model, name", [("mobilenet_v2", "block_13_expand"), ("efficientnet_lite0", "block_10_expand")])
 def test_fine_tune_at_may_name_a_layer_of_the_base(model, name):
     """A layer name opens the same layers as its index; an unknown one fails with the nearest names."""
-    from components import base_models
-    from components.stages import fine_tune
+    from components.backbone import Backbone, networks
     from pipeline import params as params_mod
 
     by_name = params_mod.from_dict({"fine_tune_at": name, "base": {"model": model, "weights": "none",
                                                                    "image_size": 96}})
-    extractor = base_models.extractor_for_params(by_name, None)
-    base = base_models.base_of(extractor)
+    backbone = Backbone.from_params(by_name)
+    extractor = backbone.extractor()
+    [base] = networks(extractor)
     index = [layer.name for layer in base.layers].index(name)
-    by_index = params_mod.from_dict({**by_name.to_dict(), "fine_tune_at": index})
-    assert fine_tune.fine_tune_index(by_name, base) == fine_tune.fine_tune_index(by_index, base) == index
-    assert fine_tune.unfrozen_layers(by_name, base) == len(base.layers) - index
-    typo = params_mod.from_dict({**by_name.to_dict(), "fine_tune_at": name.replace("expand", "expnad")})
-    with pytest.raises(GraftlineError, match=rf"'{name.replace('expand', 'expnad')}' is not a layer of {model}; "
-                                             rf"the nearest names: {name}"):
-        fine_tune.fine_tune_index(typo, base)
+    assert backbone.fine_tune_indices(extractor, name) == backbone.fine_tune_indices(extractor, index) == [index]
+    [opened] = backbone.opening(extractor, name)
+    assert opened["trainable_layers"] == len(base.layers) - index and opened["opened_from"] == index
+    typo = name.replace("expand", "expnad")
+    with pytest.raises(GraftlineError, match=rf"'{typo}' is not a layer of {model}; the nearest names: {name}"):
+        backbone.fine_tune_indices(extractor, typo)
     with pytest.raises(GraftlineError, match=r"fine_tune_at = '' is not allowed"):
         params_mod.from_dict({"fine_tune_at": ""})

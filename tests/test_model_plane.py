@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from components import base_models
+from components.backbone import Backbone, networks
 from components.stages import fine_tune, train_head
+from conftest import backbone_of
 from components import head as head_lib
 from components.errors import GraftlineError
 from pipeline import params as params_mod
@@ -28,13 +30,14 @@ def test_each_base_builds_with_its_width_and_preprocessing(name):
     import keras
 
     module, size = BASES[name]
-    extractor = base_models.build_feature_extractor(name, 1.0, size, None)
+    extractor = backbone_of(base={"model": name, "image_size": size, "weights": "none"}).extractor()
     assert extractor.output_shape == (None, base_models.REGISTRY[name].feature_width(1.0))
     pixels = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
     ours = extractor.get_layer("preprocessing")(pixels)
     theirs = importlib.import_module(f"keras.applications.{module}").preprocess_input(pixels.copy())
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-4)
-    assert len(base_models.base_of(extractor).layers) > 10
+    [net] = networks(extractor)
+    assert len(net.layers) > 10 and not extractor.trainable_weights  # frozen until fine-tune opens it
     del keras
 
 
@@ -51,21 +54,24 @@ def make_params(**overrides):
 
 
 def classifier(**overrides):
+    """(classifier, its one base, what it opened)."""
     params = make_params(**overrides)
     runtime.configure(params.seed)
     head = head_lib.build_head(1280, 3, 0.2)
-    return fine_tune.build_classifier(params, head)
+    model, opened = fine_tune.build_classifier(params, Backbone.from_params(params), head)
+    [base] = networks(model)
+    return model, base, opened
 
 
 @pytest.mark.parametrize("fine_tune_at,unfrozen", [(0, 155), (100, 55), (150, 5), (155, 0), (-1, 0)])
 def test_fine_tune_at_sets_how_many_base_layers_train(fine_tune_at, unfrozen):
     import keras
 
-    params = make_params(fine_tune_at=fine_tune_at)
-    model, base = classifier(fine_tune_at=fine_tune_at)
-    assert len(base.layers) == 155
-    assert fine_tune.unfrozen_layers(params, base) == unfrozen
+    model, base, [described] = classifier(fine_tune_at=fine_tune_at)
+    assert len(base.layers) == described["layers"] == 155
+    assert described["trainable_layers"] == unfrozen
     opened = base.layers[len(base.layers) - unfrozen:] if unfrozen else []
+    assert described["frozen_batchnorm_layers"] == sum(isinstance(l, keras.layers.BatchNormalization) for l in opened)
     assert all(not layer.trainable for layer in base.layers[:len(base.layers) - unfrozen])
     assert all(layer.trainable != isinstance(layer, keras.layers.BatchNormalization) for layer in opened)
     weighted = [l for l in opened if l.weights and not isinstance(l, keras.layers.BatchNormalization)]
@@ -80,7 +86,7 @@ def test_fine_tune_at_past_the_base_is_named():
 def test_batchnorm_stays_in_inference_mode_while_the_layers_around_it_train():
     import keras
 
-    model, base = classifier(fine_tune_at=100)
+    model, base, _ = classifier(fine_tune_at=100)
     model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
     opened_bn = [l for l in base.layers[100:] if isinstance(l, keras.layers.BatchNormalization)]
     convs = [l for l in base.layers[100:] if isinstance(l, keras.layers.Conv2D)]
@@ -98,14 +104,15 @@ def test_input_block_noise_only_in_training_and_upsampling_always():
     params = make_params(input_block={"noise": 0.5, "upsample": 2}, base={"model": "mobilenet_v2", "alpha": 0.35,
                                                                           "image_size": 32, "weights": "none"})
     runtime.configure(0)
-    extractor = base_models.extractor_for_params(params, None)
-    assert base_models.base_of(extractor).input_shape == (None, 64, 64, 3)  # the base sees 2x
+    extractor = Backbone.from_params(params).extractor()
+    assert networks(extractor)[0].input_shape == (None, 64, 64, 3)  # the base sees 2x
     x = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     inference = [np.asarray(extractor(x, training=False)) for _ in range(2)]
     np.testing.assert_array_equal(inference[0], inference[1])
     training = np.asarray(extractor(x, training=True))
-    assert np.abs(training - inference[0]).max() > 1e-3
-    without_noise = base_models.build_feature_extractor("mobilenet_v2", 0.35, 32, None, upsample=2)
+    # random weights: features near 0, so the noise is judged against their size
+    assert np.abs(training - inference[0]).max() > 0.1 * np.abs(inference[0]).max() > 0
+    without_noise = Backbone.from_params(params, training=False).extractor()  # as the bottleneck builds it
     assert [l.name for l in without_noise.layers if l.name.startswith("input_")] == ["input_upsample"]
 
 
@@ -130,18 +137,19 @@ def test_keras_file_base_uses_the_named_layer(tmp_path):
     model = pretrain.build_cnn(32, 5)
     model.save(tmp_path / "cnn.keras")
     path = f"keras:{tmp_path / 'cnn.keras'}"
-    weights = base_models.resolve_weights(path, 1.0, 32, "imagenet")
-    extractor = base_models.build_feature_extractor(path, 1.0, 32, weights, "features")
-    assert extractor.output_shape == (None, 128)
+
+    def extractor(layer, size=32):
+        return backbone_of(base={"model": path, "image_size": size, "feature_layer": layer}).extractor()
+
+    assert extractor("features").output_shape == (None, 128)
     x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     cut = keras.Model(model.inputs, model.get_layer("features").output)
-    np.testing.assert_allclose(np.asarray(extractor(x)), np.asarray(cut(x)), rtol=1e-5, atol=1e-5)
-    conv = base_models.build_feature_extractor(path, 1.0, 32, weights, "conv2")  # spatial: pooled
-    assert conv.output_shape == (None, 64)
+    np.testing.assert_allclose(np.asarray(extractor("features")(x)), np.asarray(cut(x)), rtol=1e-5, atol=1e-5)
+    assert extractor("conv2").output_shape == (None, 64)  # spatial: pooled
     with pytest.raises(GraftlineError, match="not a layer"):
-        base_models.build_feature_extractor(path, 1.0, 32, weights, "nope")
+        extractor("nope")
     with pytest.raises(GraftlineError, match="base.image_size is 48"):
-        base_models.build_feature_extractor(path, 1.0, 48, weights, "features")
+        extractor("features", 48)
     with pytest.raises(GraftlineError, match="does not apply"):
         base_models.resolve_weights(path, 1.0, 32, "none")
 

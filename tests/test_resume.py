@@ -1,5 +1,6 @@
 """fine-tune checkpoints every epoch: a run killed mid-way resumes from its last complete epoch, to the same
-curve, best epoch and metrics as a run that was never killed."""
+curve, best epoch and metrics as a run that was never killed: one base from its input up, and two bases side by
+side from layer 100 (each base's activations at its own cut)."""
 from __future__ import annotations
 
 import csv
@@ -31,13 +32,14 @@ def graftline(stage: str, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.parametrize("patience", [0, 2])
-def test_killed_fine_tune_resumes_from_its_last_complete_epoch(tmp_path, monkeypatch, patience):
+@pytest.mark.parametrize("patience, model, fine_tune_at", [(0, "mobilenet_v2", 0), (2, "mobilenet_v2", 0),
+                                                         (2, "efficientnet_lite0+mobilenet_v2", 100)])
+def test_killed_fine_tune_resumes_from_its_last_complete_epoch(tmp_path, monkeypatch, patience, model, fine_tune_at):
     make_class_tree(tmp_path / "photos", {"cats": 40, "dogs": 40, "owls": 40}, size=(96, 96))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
-        "fine_tune_at": 0,
+        "fine_tune_at": fine_tune_at,
         "data": {"source": str(tmp_path / "photos"), "sha256": "", "val_percent": 20, "test_percent": 20},
-        "base": {"model": "mobilenet_v2", "alpha": 0.35, "image_size": 96, "weights": "none"},
+        "base": {"model": model, "alpha": 0.35, "image_size": 96, "weights": "none"},
         "train_head": {"epochs": 3},
         # cosine: the resumed run must go on down the same curve, not restart it
         "fine_tune": {"epochs": 4, "learning_rate": 0.0001 if patience == 0 else 0.003, "schedule": "cosine",
@@ -73,7 +75,8 @@ def test_killed_fine_tune_resumes_from_its_last_complete_epoch(tmp_path, monkeyp
     assert epochs == list(range(head_epochs + 1, head_epochs + 1 + run_epochs))  # numbered after the head's
     assert run_epochs == 4 or patience  # early stopping may end it sooner
     report = json.loads((tmp_path / "reports/fine_tune.json").read_text())
-    assert report["resumed_after_epoch"] == done
+    assert report["resumed_after_epoch"] == done and report["trained_from"] == "activations"
+    assert [b["model"] for b in report["bases"]] == model.split("+") and all(b["trainable_layers"] for b in report["bases"])
     rate = 0.0001 if patience == 0 else 0.003
     cosine = [rate * 0.5 * (1 + math.cos(math.pi * (e + 0.5) / 4)) for e in range(run_epochs)]
     assert report["learning_rate"] == {"schedule": "cosine", "per_epoch": pytest.approx(cosine, rel=1e-6)}

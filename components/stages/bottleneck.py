@@ -17,11 +17,11 @@ nothing; the output folder appears only once complete (renamed into place,
 then ``manifest.json``). The counts in the report come from the receipts,
 since the DaskRunner has no metrics.
 
-The model handler (components/beam_inference.py) loads the base once per worker process and runs decode +
-resize + preprocessing + base in one ``tf.function`` on batches of
-``bottleneck.batch_size``. Features are cached per image under a
-fingerprint of everything that determines them (base, alpha, weights file
-hash, image size, preprocessing, decode), so a re-run after adding k photos
+The model handler (components/beam_inference.py) builds the backbone (components/backbone.py) once per
+worker process and runs decode + resize + each base's preprocessing and network in one ``tf.function`` on
+batches of ``bottleneck.batch_size``. Features are cached per image under the backbone's
+fingerprint of everything that determines them (bases, alpha, weights files' hashes, image size,
+preprocessing, decode), so a re-run after adding k photos
 makes k forward passes; any change to those inputs starts a new, empty
 fingerprint folder.
 
@@ -50,7 +50,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from components import base_models, features, records
+from components import features, records
+from components.backbone import Backbone
 from components.beam_inference import FeatureExtractorHandler, ShardWork, extractor_for
 from components.atomic import write_json
 from components.beam_runners import beam_flags, dask_scheduler, is_dask, pipeline_runner, run_to_completion
@@ -127,22 +128,18 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         raise GraftlineError(f"{examples} has no TFRecord shards for {', '.join(missing)}; run ingest first")
     units = [(split, url, records.part_name(url)) for split in records.SPLITS for url in shards[split]]
 
-    # 2. The base, built here once so that a bad weights file fails now with one line, not inside a
+    # 2. The backbone, built here once so that a bad weights file fails now with one line, not inside a
     #    Beam worker; its feature width; the feature cache (off for random weights: they differ by seed).
-    weights_path = base_models.resolve_weights(base.model, base.alpha, base.image_size, base.weights)
-    upsample = params.input_block.upsample
-    width = int(extractor_for(base.model, base.alpha, base.image_size, weights_path,
-                              base.feature_layer, upsample).output_shape[-1])
-
-    cache = (VectorCache(absolute(p.cache_dir), base_models.cache_fingerprint(base, upsample, weights_path), (width,))
-             if p.cache_dir and weights_path else None)
+    backbone = Backbone.from_params(params, training=False)
+    width = int(extractor_for(backbone).output_shape[-1])
+    cache = (VectorCache(absolute(p.cache_dir), backbone.fingerprint(), (width,))
+             if p.cache_dir and backbone.cacheable else None)
     # 3. The model handler, with TensorFlow threads shared out among local worker processes.
     dask = is_dask(p.runner)
     # Local workers share this machine's cores; a remote cluster's machines size their own pools.
     local_workers = p.workers if p.runner == "DirectRunner" or (dask and not p.dask_address) else 0
     tf_threads = max(1, (os.cpu_count() or 1) // local_workers) if local_workers else 0
-    handler = FeatureExtractorHandler(base.model, base.alpha, base.image_size, weights_path, base.feature_layer,
-                                      upsample, p.batch_size, tf_threads)
+    handler = FeatureExtractorHandler(backbone, p.batch_size, tf_threads)
     # 4. Run the pipeline on the runner; every shard's receipt, then the manifest; publish.
     out = str(outputs["bottlenecks"])
     with published(out) as folder, (dask_scheduler(p) if dask else contextlib.nullcontext("")) as address:
@@ -168,7 +165,7 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         passes_by_worker[r["worker"]] = passes_by_worker.get(r["worker"], 0) + r["forward_passes"]
     report = {
         "base": {"model": base.model, "alpha": base.alpha, "image_size": base.image_size,
-                 "weights": weights_path or "none"},
+                 "weights": [b.weights or "none" for b in backbone.bases]},
         "feature_width": width,
         "rows": {s: sum(r["rows"] for r in receipts if r["split"] == s) for s in records.SPLITS},
         "parts": len(receipts),

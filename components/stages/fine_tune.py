@@ -1,14 +1,15 @@
-"""Stage 4, fine-tune: base + the trained head, base layers from ``fine_tune_at`` up trainable.
+"""Stage 4, fine-tune: the backbone + the trained head, every base's layers from ``fine_tune_at`` up trainable.
 
-The full model is ``[0, 255] RGB -> preprocessing -> base (BatchNorm in inference
-mode, but for a base trained from scratch) -> head``. By default it trains from cached activations
-(components/activations.py): the frozen layers run once per photo and view
-(the photo and its mirror), and each epoch trains only the layers from the cut
+The full model is ``[0, 255] RGB -> per base: preprocessing -> base (BatchNorm in
+inference mode, but for a base trained from scratch) -> features side by side -> head``
+(components/backbone.py). By default it trains from cached activations
+(components/activations.py): each base's frozen layers run once per photo and view
+(the photo and its mirror), and each epoch trains only the layers from the cuts
 up and the head, on those activations mixed up in pairs (augment.mixup).
 With image-space augmentation (augment.rotation, augment.zoom) or input noise,
-every epoch runs on the decoded images instead. ``fine_tune.epochs: 0``
-exports base + head unchanged; so does a run in which no epoch beat them on
-val loss, and always a base.model of several bases (they stay frozen).
+every epoch runs on the decoded images instead. ``fine_tune_at: -1`` (the bases
+frozen) and ``fine_tune.epochs: 0`` export the backbone + head as train_head left
+them, with train_head's figures; so does a run in which no epoch beat them on val loss.
 
 Every epoch is checkpointed (model, optimizer state, curve so far) under
 ``inputs["checkpoints"]``; a run that was killed resumes from its last
@@ -19,13 +20,12 @@ bytes, TFLite float and dynamic-range with their top-1 agreement, labels; with
 augment.tta: flip, every form averages over the photo and its mirror),
 ``metrics``, ``plots`` (epochs numbered after the head's so the curves join),
 ``curves`` (PNG of head and fine-tune curves with a "start fine-tuning"
-marker), ``report`` (wall time and its phases, how it trained, the cut and the
-cache, layer counts; devices, strategy and dtype policy from components.devices).
+marker), ``report`` (wall time and its phases, how it trained, each base's cut and
+cache and the layers it opened; devices, strategy and dtype policy from components.devices).
 """
 from __future__ import annotations
 
 import csv
-import difflib
 import hashlib
 import json
 import shutil
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components import activations, base_models, devices, export, images, multi_worker, plots
+from components.backbone import FROZEN, Backbone
 from components import callbacks as callbacks_mod
 from components.atomic import atomic_dir, read_json, write_csv, write_json
 from components.fetch import sha256_of
@@ -50,54 +51,20 @@ TFLITE_CHECK_MAX = 64
 CHECKPOINT_STATE = "state.json"
 BEST_WEIGHTS = "best.weights.npz"
 SEED_STATES = "seed_states.npz"
+# Part of a checkpoint's fingerprint: bump it when what a checkpoint holds changes shape (2: the top model takes
+# one activation per base).
+CHECKPOINT_FORMAT = 2
 
 
-def fine_tune_index(params, base) -> int:
-    """``fine_tune_at`` as an index into the base's layers: an index as given, a layer name as that layer's."""
-    at, names = params.fine_tune_at, [layer.name for layer in base.layers]
-    if isinstance(at, str):
-        if at in names:
-            return names.index(at)
-        nearest = difflib.get_close_matches(at, names, n=5, cutoff=0.5) or names[-3:]
-        raise GraftlineError(f"params: fine_tune_at = {at!r} is not a layer of {params.base.model}; the nearest "
-                             f"names: {', '.join(nearest)} (or give a layer index, 0..{len(names)})")
-    if at > len(names):
-        raise GraftlineError(
-            f"params: fine_tune_at = {at} is past the end of {params.base.model}, which has "
-            f"{len(names)} layers; use 0..{len(names)} (0 trains all, {len(names)} none), a layer name, "
-            "or -1 to freeze the base."
-        )
-    return at
-
-
-def build_classifier(params, head):
-    """Feature extractor + head as one model; returns (model, base) with base layers frozen below fine_tune_at."""
+def build_classifier(params, backbone: Backbone, head):
+    """The backbone's feature extractor + head as one model, every base open from fine_tune_at up; returns
+    (model, what each base opened: Backbone.opening)."""
     import keras
 
-    b = params.base
-    weights_path = base_models.resolve_weights(b.model, b.alpha, b.image_size, b.weights)
-    extractor = base_models.extractor_for_params(params, weights_path)
-    base = base_models.base_of(extractor)
-    at = fine_tune_index(params, base)
-    base.trainable = at != -1
-    for layer in base.layers[: max(at, 0)]:
-        layer.trainable = False
-    # BatchNorm stays in inference mode: in Keras 3, fit's training=True overrides the training=False
-    # the base is called with (keras-team/keras#20285), and only a frozen BatchNormalization layer
-    # keeps its moving statistics fixed. A base that exists as an architecture only (AlexNet, trained
-    # from scratch) has no statistics to keep: its BatchNorm learns with the rest.
-    for layer in base_models.all_layers(base) if base_models.has_pretrained_weights(b.model) else ():
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
-    inputs = keras.Input((b.image_size, b.image_size, 3), name="image")
-    model = keras.Model(inputs, head(extractor(inputs)), name="classifier")
-    return model, base
-
-
-def unfrozen_layers(params, base) -> int:
-    """How many base layers fine_tune_at opened for training (their BatchNorm layers stay frozen)."""
-    at = fine_tune_index(params, base)
-    return 0 if at == -1 else max(0, len(base.layers) - at)
+    extractor = backbone.extractor()
+    opened = backbone.open_from(extractor, params.fine_tune_at)
+    inputs = keras.Input(extractor.input_shape[1:], name="image")
+    return keras.Model(inputs, head(extractor(inputs)), name="classifier"), opened
 
 
 @dataclass
@@ -182,6 +149,7 @@ def run_fingerprint(params, head_dir: Path, examples: Path) -> str:
     """What a checkpoint must match to be resumed: the stage's params, the head, the photos' shards."""
     relevant = {k: params.to_dict()[k] for k in ("seed", "fine_tune_at", "base", "input_block", "augment",
                                                   "fine_tune")}
+    relevant["checkpoint_format"] = CHECKPOINT_FORMAT
     relevant["train"] = {k: getattr(params.train, k) for k in ("device", "mixed_precision", "strategy")}
     shards = sorted((p.name, p.stat().st_size) for p in Path(examples).glob("*.tfrecord.gz"))
     blob = json.dumps([relevant, sha256_of(head_dir / HEAD_FILE), shards], sort_keys=True)
@@ -225,7 +193,7 @@ def uses_activations(params) -> bool:
     Image-space augmentation (rotation, zoom) and the input block's noise change what the frozen
     layers compute in every epoch, so with any of them on, every epoch runs on the images.
     """
-    return (params.fine_tune_at != -1 and not params.augment.rotation and not params.augment.zoom
+    return (params.fine_tune_at != FROZEN and not params.augment.rotation and not params.augment.zoom
             and not params.input_block.noise)
 
 
@@ -255,13 +223,14 @@ class Run:
     fingerprint: str
     progress: Progress
     resumed_after: int
+    backbone: Backbone
 
 
 @dataclass
 class Trained:
-    """The model that is exported, its base, and the figures of the epoch whose weights it holds."""
+    """The model that is exported, what each base opened, and the figures of the epoch whose weights it holds."""
     model: object
-    base: object
+    opened: list  # Backbone.opening
     final: dict  # accuracy, loss, val_accuracy, val_loss
     best_epoch: int | None = None  # None: no epoch trained, or none beat base + head as train-head left them
     report: dict = field(default_factory=dict)
@@ -293,7 +262,7 @@ def prepare(params, inputs: dict, strategy) -> Run:
     fingerprint = run_fingerprint(params, head_dir, examples)
     progress = resume_point(params, Path(inputs["checkpoints"]), fingerprint, strategy)
     return Run(labels, head_dir, examples, head_info["epochs_run"] + 1, placement, batch_size, fingerprint, progress,
-               len(progress.rows))
+               len(progress.rows), Backbone.from_params(params))
 
 
 def training_callbacks(params, outputs: dict, state: Run) -> list:
@@ -311,18 +280,15 @@ def training_callbacks(params, outputs: dict, state: Run) -> list:
 
 
 def train(params, state: Run, callbacks: list, strategy) -> Trained:
-    """From cached activations of the frozen part, or on the images every epoch; or, with no epochs, base + head
-    as they are, scored."""
-    if base_models.is_combined(params.base.model):  # frozen bases: the head on their features is the model
-        model, base = build_classifier(params, load_head(state.head_dir))
-        return Trained(model, base, head_figures(state.head_dir),
-                       report={"trained_from": "nothing: several frozen bases, the head as train_head left it"})
-    if params.fine_tune.epochs > 0 and uses_activations(params):
+    """From cached activations of the frozen part, or on the images every epoch; or, with nothing to train (the
+    bases frozen, or no epochs), the backbone + head as train_head left them, with its figures."""
+    if params.fine_tune_at == FROZEN or params.fine_tune.epochs == 0:
+        model, opened = build_classifier(params, state.backbone, load_head(state.head_dir))
+        return Trained(model, opened, head_figures(state.head_dir),
+                       report={"trained_from": "nothing: the head as train_head left it, on the backbone as it came"})
+    if uses_activations(params):
         return fit_on_activations(params, state, callbacks, strategy)
-    if params.fine_tune.epochs > 0:
-        return fit_on_images(params, state, callbacks, strategy)
-    model, base = build_classifier(params, load_head(state.head_dir))
-    return Trained(model, base, evaluate_as_is(model, state.examples, params.base.image_size, state.batch_size))
+    return fit_on_images(params, state, callbacks, strategy)
 
 
 def save(params, state: Run, trained: Trained, outputs: dict) -> tuple[dict, dict]:
@@ -341,7 +307,7 @@ def save(params, state: Run, trained: Trained, outputs: dict) -> tuple[dict, dic
     write_json(Path(outputs["metrics"]), metrics)
     report = {**state.placement, "batch_sizes": state.batch_size,
               "trained_from": "activations" if uses_activations(params) else "images", **trained.report,
-              "base_layers": len(trained.base.layers), "trainable_weights": len(trained.model.trainable_weights),
+              "bases": trained.opened, "trainable_weights": len(trained.model.trainable_weights),
               "resumed_after_epoch": state.resumed_after, "test_time_augmentation": params.augment.tta,
               "learning_rate": {"schedule": f.schedule, "per_epoch": [  # what rate_schedule set each epoch
                   float(f"{scheduled_rate(f.schedule, f.learning_rate, e, f.epochs):.9g}") for e in range(len(rows))]},
@@ -386,27 +352,13 @@ def head_figures(head_dir: Path) -> dict:
     return {k: float(row[k]) for k in CURVE_COLUMNS[1:]}
 
 
-def evaluate_as_is(model, examples: Path, size: int, batch_size: dict) -> dict:
-    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    figures = {}
-    for split, prefix in (("train", ""), ("val", "val_")):
-        loss, accuracy = model.evaluate(image_dataset(examples, split, size, batch_size[split]), verbose=0)
-        figures.update({f"{prefix}accuracy": accuracy, f"{prefix}loss": loss})
-    return figures
-
-
 def fine_tune_metrics(params, trained: Trained, exported: dict, epochs_run: int) -> dict:
-    import keras
-
-    base = trained.base
-    n_open = unfrozen_layers(params, base)
-    opened = base.layers[len(base.layers) - n_open:] if n_open else []
     metrics = {k: round(float(v), 6) for k, v in trained.final.items()}
     metrics.update({"epochs": params.fine_tune.epochs, "epochs_run": epochs_run,
                     "best_epoch": trained.best_epoch, "fine_tune_at": params.fine_tune_at,
-                    "trainable_base_layers": len(opened),
-                    "frozen_batchnorm_layers": sum(isinstance(l, keras.layers.BatchNormalization) and not l.trainable
-                                                   for l in opened)})
+                    "trainable_base_layers": sum(base["trainable_layers"] for base in trained.opened),
+                    "frozen_batchnorm_layers": sum(base["frozen_batchnorm_layers"] for base in trained.opened),
+                    "trainable_layers_per_base": {base["model"]: base["trainable_layers"] for base in trained.opened}})
     metrics.update({f"tflite_{kind}_top1_agreement": e["top1_agreement"]
                     for kind, e in exported.items() if "top1_agreement" in e})
     return metrics
@@ -419,9 +371,9 @@ def fit_on_images(params, state: Run, callbacks: list, strategy) -> Trained:
     with strategy.scope():
         if progress.folder:  # weights and optimizer state as the last complete epoch left them
             model = load_checkpoint_model(progress.folder)
-            base = base_models.base_of(model.get_layer("feature_extractor"))
+            opened = state.backbone.opening(model, params.fine_tune_at)
         else:
-            model, base = build_classifier(params, load_head(state.head_dir))
+            model, opened = build_classifier(params, state.backbone, load_head(state.head_dir))
             model.compile(optimizer=make_optimizer(f.optimizer, f.learning_rate),
                           loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     if not progress.finished(f.epochs):
@@ -432,22 +384,22 @@ def fit_on_images(params, state: Run, callbacks: list, strategy) -> Trained:
                   shuffle=False, callbacks=callbacks, verbose=keras_verbosity())  # shuffled above, by seed
     elif progress.best_weights() is not None:  # finished before a kill: early stopping's choice, as it restored it
         model.set_weights(progress.best_weights())
-    return Trained(model, base, *chosen_epoch(params, progress))
+    return Trained(model, opened, *chosen_epoch(params, progress))
 
 
 def fit_on_activations(params, state: Run, callbacks: list, strategy) -> Trained:
-    """Fine-tune from cached activations of the frozen part: it runs once per photo and view (cached across
-    runs), then every epoch trains only the layers from the cut up, and the head, on those activations."""
+    """Fine-tune from cached activations of each base's frozen part: it runs once per photo and view (cached
+    across runs), then every epoch trains only the layers from the cuts up, and the head, on those activations."""
     import keras
 
     f, progress, classes = params.fine_tune, state.progress, len(state.labels)
     with strategy.scope():
-        classifier, base = build_classifier(params, load_head(state.head_dir))
-    front, top, cut = activations.split(classifier.get_layer("feature_extractor"), fine_tune_index(params, base))
-    (acts, labels_train), (val_acts, labels_val), report = activations_of(params, front, base.layers[cut - 1].name,
-                                                                          cut, state.examples)
-    start_model, trained = top_models(params, classifier, top, acts.shape[2:], progress, strategy)
-    val = (val_acts[:, 0].astype("float32"), keras.utils.to_categorical(labels_val, classes))
+        classifier, opened = build_classifier(params, state.backbone, load_head(state.head_dir))
+    front, top, cuts = activations.split(state.backbone, classifier.get_layer("feature_extractor"),
+                                         params.fine_tune_at)
+    (acts, labels_train), (val_acts, labels_val), report = activations_of(params, state, front, cuts)
+    start_model, trained = top_models(params, classifier, top, progress, strategy)
+    val = ([a[:, 0].astype("float32") for a in val_acts], keras.utils.to_categorical(labels_val, classes))
     start = dict(zip(("val_loss", "val_accuracy"), start_model.evaluate(*val, batch_size=state.batch_size["val"],
                                                                         verbose=0)))
     start_weights = start_model.get_weights()
@@ -464,56 +416,55 @@ def fit_on_activations(params, state: Run, callbacks: list, strategy) -> Trained
     if f.early_stopping_patience and min(row[CURVE_COLUMNS.index("val_loss")] for row in progress.rows) >= \
             start["val_loss"]:
         start_model.set_weights(start_weights)
-        identity = (acts[:, 0].astype("float32"), keras.utils.to_categorical(labels_train, classes))
+        identity = ([a[:, 0].astype("float32") for a in acts], keras.utils.to_categorical(labels_train, classes))
         start.update(zip(("loss", "accuracy"), start_model.evaluate(*identity, batch_size=state.batch_size["train"],
                                                                     verbose=0)))
-        return Trained(classifier, base, start, None, {**report, "kept_base_and_head": start})
-    activations.copy_weights(trained, classifier)  # a no-op unless resumed: the layers are shared otherwise
-    return Trained(classifier, base, *chosen_epoch(params, progress), report)
+        return Trained(classifier, opened, start, None, {**report, "kept_base_and_head": start})
+    if trained is not start_model:  # resumed: the checkpoint's model trained, not the one sharing the classifier's
+        start_model.set_weights(trained.get_weights())  # layers; the same architecture, so the same weight order
+    return Trained(classifier, opened, *chosen_epoch(params, progress), report)
 
 
-def top_models(params, classifier, top, activation_shape, progress: Progress, strategy):
-    """(start, trained): the layers from the cut up and the head as train-head left them (sharing the classifier's
-    layers, so training it trains what is exported), and the model training goes on with: that same one, or a
-    killed run's last checkpoint."""
+def top_models(params, classifier, top, progress: Progress, strategy):
+    """(start, trained): the layers from the cuts up and the head as train-head left them (sharing the
+    classifier's layers, so training it trains what is exported), and the model training goes on with: that same
+    one, or a killed run's last checkpoint."""
     import keras
 
     f = params.fine_tune
     with strategy.scope():
-        inputs = keras.Input(activation_shape, name="activation")
-        start = keras.Model(inputs, classifier.get_layer("head")(top(inputs, training=False)), name="top")
+        inputs = [keras.Input(tensor.shape[1:], name=tensor.name) for tensor in top.inputs]
+        start = keras.Model(inputs, classifier.get_layer("head")(top(inputs, training=False)), name="top_and_head")
         start.compile(optimizer=make_optimizer(f.optimizer, f.learning_rate), loss="categorical_crossentropy",
                       metrics=["accuracy"])
         return start, load_checkpoint_model(progress.folder) if progress.folder else start
 
 
-def activations_of(params, front, cut_layer: str, cut: int, examples: Path):
+def activations_of(params, state: Run, front, cuts: list[activations.Cut]):
     """(train activations and labels, val activations and labels, what the report says of them)."""
     f, size = params.fine_tune, params.base.image_size
     views = activations.views_for(params.augment)
-    caches = activation_caches(params, front, cut_layer, views)
+    caches = activation_caches(params, state.backbone, front, [cut.layer for cut in cuts], views)
     computing = time.time()
-    acts, labels_train, computed_train = activations.compute(front, examples, "train", views, size, caches,
+    acts, labels_train, computed_train = activations.compute(front, state.examples, "train", views, size, caches,
                                                               f.batch_size)
-    val_acts, labels_val, computed_val = activations.compute(front, examples, "val", views[:1], size, caches,
+    val_acts, labels_val, computed_val = activations.compute(front, state.examples, "val", views[:1], size, caches,
                                                              f.batch_size)
-    report = {"activations": {"cut_before_layer": cut, "cut_layer": cut_layer,
-                              "shape": list(acts.shape[2:]), "views": list(views),
-                              "computed": computed_train + computed_val,
-                              "read_from_cache": int(acts.shape[0] * acts.shape[1] + val_acts.shape[0]
+    bases = [{"model": base.name, "cut_before_layer": cut.index, "cut_layer": cut.layer, "shape": list(a.shape[2:]),
+              "cache": cache[views[0]].folder if cache else None}
+             for base, cut, a, cache in zip(state.backbone.bases, cuts, acts, caches or [{}] * len(cuts))]
+    report = {"activations": {"bases": bases, "views": list(views), "computed": computed_train + computed_val,
+                              "read_from_cache": int(len(labels_train) * len(views) + len(labels_val)
                                                      - computed_train - computed_val),
-                              "cache": caches[views[0]].folder if caches.get(views[0]) else None},
+                              "megabytes": round(sum(a.nbytes for a in acts + val_acts) / 1e6, 1)},
               "activations_s": round(time.time() - computing, 2), "mixup": params.augment.mixup}
     return (acts, labels_train), (val_acts, labels_val), report
 
 
-def activation_caches(params, front, cut_layer: str, views) -> dict:
-    """view -> VectorCache of this base's activations at the cut (bottleneck.cache_dir), or None when off."""
-    b = params.base
-    weights_path = base_models.resolve_weights(b.model, b.alpha, b.image_size, b.weights)
-    if not params.bottleneck.cache_dir or not weights_path:  # random weights differ with the seed: never cached
-        return {}
-    base_fp = base_models.cache_fingerprint(b, params.input_block.upsample, weights_path)
-    shape = tuple(int(d) for d in front.output_shape[1:])
-    return {view: VectorCache(params.bottleneck.cache_dir, activations.fingerprint(base_fp, cut_layer, view), shape,
-                              activations.STORED_DTYPE, "f16") for view in views}
+def activation_caches(params, backbone: Backbone, front, cut_layers: list[str], views) -> list[dict]:
+    """Per base, view -> VectorCache of its activations at its cut (under bottleneck.cache_dir); [] when off."""
+    if not params.bottleneck.cache_dir or not backbone.cacheable:  # random weights differ with the seed
+        return []
+    return [{view: VectorCache(params.bottleneck.cache_dir, activations.fingerprint(fingerprint, layer, view), shape,
+                               activations.STORED_DTYPE, "f16") for view in views}
+            for fingerprint, layer, shape in zip(backbone.base_fingerprints(), cut_layers, activations.shapes(front))]

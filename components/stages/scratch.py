@@ -1,8 +1,8 @@
 """The control experiment: the same network from random weights, same photos, same epoch budget.
 
 Transfer learning should beat training from scratch; this measures by how
-much. The base's architecture is re-initialised (``keras.models.clone_model``
-draws fresh weights), topped with the same head, and trained on the train
+much. The backbone's architecture (every base, with its preprocessing and input
+block) is re-initialised (``keras.models.clone_model`` draws fresh weights), topped with the same head, and trained on the train
 split for as many epochs as the head and fine-tuning took together, with
 Adam at 1e-3 (what trains a network from scratch here, as in
 components/stages/pretrain.py; the head's rate may be far too high for a whole
@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from components import base_models, inference
-from components.errors import GraftlineError
 from components.atomic import read_json, write_json
+from components.backbone import Backbone
 from components.datasets import augmenter, image_dataset
-from components.images import ImagePreprocessing
 from components.head import build_head
 from components.recipe import keras_verbosity, make_optimizer
 
@@ -33,19 +32,14 @@ def run(params, inputs: dict, outputs: dict) -> dict:
 
     started = time.time()
     b, h = params.base, params.train_head
-    if base_models.is_combined(b.model):
-        raise GraftlineError(f"scratch: base.model = {b.model!r} joins several bases; the scratch control trains one "
-                             "architecture from random weights: name one base")
     labels = read_json(Path(inputs["labels"]))
     budget = sum(read_json(Path(inputs[k]))["epochs_run"] for k in ("head_metrics", "fine_tune_metrics"))
-    weights_path = base_models.resolve_weights(b.model, b.alpha, b.image_size, b.weights)
-    trained = base_models.build_base(b.model, b.alpha, b.image_size, weights_path, b.feature_layer)
-    base = keras.models.clone_model(trained)  # same layers, fresh random weights
-    head = build_head(int(base.output_shape[-1]), len(labels), h.dropout)
+    extractor = keras.models.clone_model(Backbone.from_params(params).extractor())  # fresh random weights
+    for layer in base_models.all_layers(extractor):  # from scratch, BatchNorm too must learn its statistics
+        layer.trainable = True
+    head = build_head(int(extractor.output_shape[-1]), len(labels), h.dropout)
     image = keras.Input((b.image_size, b.image_size, 3), name="image")
-    x = ImagePreprocessing(base_models.preprocessing_of(b.model), name="preprocessing")(image)
-    # Called without training=False: from scratch, BatchNorm must learn its statistics.
-    model = keras.Model(image, head(base(x)), name="scratch")
+    model = keras.Model(image, head(extractor(image)), name="scratch")
     model.compile(make_optimizer("adam", SCRATCH_LEARNING_RATE), "sparse_categorical_crossentropy",
                   metrics=["accuracy"])
 
