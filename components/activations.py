@@ -51,8 +51,10 @@ def cut_index(base, fine_tune_at: int) -> int:
     last_use = {}  # producer layer index -> index of the last layer that reads its output
     for i, layer in enumerate(layers):
         for node in layer._inbound_nodes:
-            for tensor in node.input_tensors:
-                producer = position[id(tensor._keras_history.operation)]
+            producers = [position.get(id(tensor._keras_history.operation)) for tensor in node.input_tensors]
+            if None in producers:  # a call in another graph (a model cut from this one earlier): not the base's
+                continue
+            for producer in producers:
                 last_use[producer] = max(last_use.get(producer, -1), i)
     final = position[id(base.outputs[0]._keras_history.operation)]
     last_use[final] = len(layers)
