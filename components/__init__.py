@@ -9,8 +9,9 @@
 - ``components/*.py``: what stages share, each module named for what it holds:
   file formats (records, features, vector_cache), the one image path (images),
   photo checks (photos), batches of photos (datasets), the head and its files
-  (head), the base networks (base_models), cached activations (activations),
-  devices (devices), training on several machines (multi_worker), the base as a
+  (head), the base of a model, one network or several side by side (backbone),
+  the registry of single networks (base_models), cached activations (activations),
+  devices (devices), training on several machines (multi_worker), the backbone as a
   Beam model handler (beam_inference), Beam runners and Dask (beam_runners),
   where parts land (publishing), the export (export), inference one photo at a
   time (inference), plots, the evaluation page (report), the logs a training

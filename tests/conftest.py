@@ -150,7 +150,7 @@ class Project:
 
 # The suite's pipelines run one base, fine-tuned, with both TFLite files: MobileNetV2 at 160 px from layer 100,
 # the mechanisms every recipe shares at a fraction of the default's cost. The default itself (three frozen bases) runs whole in
-# tests/test_combined_bases.py, from a copy with ``recipe=None``.
+# tests/test_backbone.py, from a copy with ``recipe=None``.
 ONE_BASE = {"base": {"model": "mobilenet_v2", "image_size": 0}, "fine_tune_at": 100,
             "export": {"tflite": ["float", "dynamic_range"]}}
 

@@ -2,8 +2,8 @@
 
 The params several bases take; features that are each base's own; ``fine_tune_at`` opening every base (each
 base's own index, or a layer name every base has); each base's front at its cut equal to that base's own layers;
-training that changes each base's opened layers and nothing below them. Then, on the 400 sample photos with
-params.yaml as shipped (three EfficientNet-Lite bases): `dvc repro`, then `dvc exp run -S fine_tune_at=100`
+training that changes each base's opened layers and nothing below them. Then, with params.yaml as shipped
+(three EfficientNet-Lite bases) on 200 sample photos: `dvc repro`, then `dvc exp run -S fine_tune_at=100`
 re-running exactly fine_tune and evaluate, the exported bases changed from there up and nowhere below;
 predict equal to evaluate; and the same experiment by a layer name. (A killed fine-tune of several bases
 resuming to the same metrics: tests/test_resume.py.)
@@ -177,29 +177,38 @@ def test_training_changes_every_base_s_opened_layers_and_nothing_below(pair, tmp
 # ------------------------------------------------------------------ the default, end to end
 
 
+PER_CLASS = 40  # of the sample's 80 photos a class: half the cost, test photos enough to judge by
+
+
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """`dvc repro` with params.yaml as shipped (three frozen EfficientNet-Lite bases), on the 400 sample photos,
-    in a fresh git repo; KERAS_HOME empty, so the Lite weights are converted from the installed packages."""
+    """`dvc repro` with params.yaml as shipped (three frozen EfficientNet-Lite bases), on 40 sample photos a
+    class, in a fresh git repo; KERAS_HOME empty, so the Lite weights are converted from the installed packages."""
+    import shutil
+
     import yaml
 
     from conftest import FLOWERS, copy_repo, project_env, require_shared, run
 
     require_shared()
     base = tmp_path_factory.mktemp("default")
-    root = base / "project"
+    photos, root = base / "photos", base / "project"
+    for folder in sorted(p for p in FLOWERS.iterdir() if p.is_dir()):
+        (photos / folder.name).mkdir(parents=True)
+        for photo in sorted(folder.glob("*.jpg"))[:PER_CLASS]:
+            shutil.copy2(photo, photos / folder.name / photo.name)
     root.mkdir()
     copy_repo(root, recipe=None)
     params = yaml.safe_load((root / "params.yaml").read_text())
     assert len(backbone.names(params["base"]["model"])) == 3, "the default is three bases"
-    params["data"].update(source=str(FLOWERS), sha256="")
+    params["data"].update(source=str(photos), sha256="")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = project_env(base / "keras")
     for i, cmd in enumerate((["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "x"],
                              ["dvc", "repro"])):
         run(cmd, root, env, base / f"{i}.log")
     status = run(["dvc", "status"], root, env, base / "status.log")
-    return {"root": root, "env": env, "status": status, "params": params, "logs": base}
+    return {"root": root, "env": env, "status": status, "params": params, "logs": base, "photos": photos}
 
 
 def read(root, rel):
@@ -230,7 +239,7 @@ def test_the_default_runs_whole_with_its_bases_frozen(default_run):
     assert tuned["val_accuracy"] == pytest.approx(head["val_accuracy"], abs=1e-6)
     # No TFLite by default (export.tflite: []): the SavedModel and the .keras file only.
     assert not [k for k in tuned if k.startswith("tflite_")] and not list((root / "artifacts/model").glob("*.tflite"))
-    # ImageNet features of three bases: far above the 0.2 of chance and above what one base gets from its head.
+    # ImageNet features of three bases: far above the 0.2 of chance.
     assert read(root, "metrics/evaluate.json")["accuracy"] >= 0.8
 
 
@@ -290,8 +299,6 @@ def test_the_exported_bases_changed_from_fine_tune_at_up_and_nowhere_below(defau
 
 @pytest.mark.e2e
 def test_predict_with_the_fine_tuned_default_agrees_with_its_evaluation(default_run, fine_tuned):
-    from conftest import FLOWERS
-
     from components import records
 
     root = default_run["root"]
@@ -300,11 +307,11 @@ def test_predict_with_the_fine_tuned_default_agrees_with_its_evaluation(default_
     keys = [r.key for shard in records.shard_paths(root / "artifacts" / "examples", "test")
             for r in records.read_shard(str(shard))]
     out = subprocess.run(["graftline", "predict", "--json", "--model", str(root / "artifacts" / "model"),
-                          *(str(FLOWERS / key) for key in keys)],
+                          *(str(default_run["photos"] / key) for key in keys)],
                          cwd=root, env=default_run["env"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     predicted = [r["top"][0]["class"] for r in json.loads(out.stdout)]
-    assert len(keys) >= 40 and predicted == [row[1] for row in rows]
+    assert len(keys) >= 20 and predicted == [row[1] for row in rows]
     wrong = {k for k, p in zip(keys, predicted) if k.split("/")[0] != p}
     limit = default_run["params"]["evaluate"]["mistakes"]
     assert mistakes <= wrong and (mistakes == wrong or len(mistakes) == limit)

@@ -32,7 +32,8 @@ def graftline(stage: str, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.parametrize("patience, model, fine_tune_at", [(0, "mobilenet_v2", 0), (2, "mobilenet_v2", 0),
+# Early stopping's state is resumed too (patience 2), here with two bases, each cut at its own layer.
+@pytest.mark.parametrize("patience, model, fine_tune_at", [(0, "mobilenet_v2", 0),
                                                          (2, "efficientnet_lite0+mobilenet_v2", 100)])
 def test_killed_fine_tune_resumes_from_its_last_complete_epoch(tmp_path, monkeypatch, patience, model, fine_tune_at):
     make_class_tree(tmp_path / "photos", {"cats": 40, "dogs": 40, "owls": 40}, size=(96, 96))
