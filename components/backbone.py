@@ -122,9 +122,11 @@ class Backbone:
         """Whether what it computes from a photo is fixed: pretrained weights (random ones differ by seed)."""
         return all(base.weights is not None for base in self.bases)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, engine: str = "tensorflow") -> str:
         """Everything that decides what the backbone computes from a photo, hashed: the name of its feature cache
-        folder (the bottleneck's), which starts with the model's name so that a person can tell caches apart."""
+        folder (the bottleneck's), which starts with the model's name so that a person can tell caches apart.
+        ``engine``: what runs it (components/engines.py); TensorFlow's fingerprint is the one caches had before
+        there was a choice."""
         from components import images
         from components.fetch import sha256_of
 
@@ -135,6 +137,8 @@ class Backbone:
             "preprocessing": JOIN.join(base.preprocessing for base in self.bases),
             "decode": images.DECODE_VERSION,
         }
+        if engine != "tensorflow":
+            spec["engine"] = engine
         tag = "keras" if self.model.startswith(KERAS_PREFIX) else self.model
         return f"{tag}-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -1,9 +1,9 @@
 """The frozen backbone as a Beam RunInference model handler: a shard's images in, pooled features out.
 
 The bottleneck stage's pipeline hands each shard's cache misses (a ``ShardWork``) to
-``FeatureExtractorHandler``, which builds the backbone's extractor (components/backbone.py: every
-base with its preprocessing) once per worker process and runs decode + resize + the extractor in one
-``tf.function``, in batches of ``bottleneck.batch_size``.
+``FeatureExtractorHandler``, which sets its engine up once per worker process (components/engines.py:
+the backbone converted to LiteRT, or the Keras extractor of components/backbone.py) and runs decode +
+resize, then every base with its preprocessing, in batches of ``bottleneck.batch_size``.
 """
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ if getattr(beam_inference, "resource", True) is None:
 
     beam_inference.resource = _resource
 
-# Extractors and their tf.functions built in this process, by backbone: the one run() builds to
-# check the weights is reused by an in-memory runner's handler, and a Dask worker builds one for all
-# the shards it is given.
+# Extractors and forward-pass functions built in this process, by backbone (and engine): the extractor run()
+# builds to check the weights is reused by an in-memory runner's handler, and a Dask worker builds one
+# function for all the shards it is given.
 _EXTRACTORS: dict[Backbone, Any] = {}
-_INFER_FUNCTIONS: dict[Backbone, Any] = {}
+_INFER_FUNCTIONS: dict[tuple[Backbone, str], Any] = {}
 
 
 def extractor_for(backbone: Backbone):
@@ -55,59 +55,85 @@ class ShardWork:
 
 
 class FeatureExtractorHandler(ModelHandler[ShardWork, PredictionResult, Any]):
-    """A shard's missing images -> pooled base features, in batches of batch_size, in one tf.function.
+    """A shard's missing images -> pooled base features: decoded ``batch_size`` at a time, then run by the engine
+    (components/engines.py): the LiteRT model when one is given, else the Keras extractor in one tf.function.
 
     RunInference gets it pre-batched (``with_no_batching``): its element is a
     list of ShardWork, so no batch is formed in finish_bundle, which the
-    DaskRunner would drop.
+    DaskRunner would drop. ``to_compute``: the photos every worker together will compute, when one worker
+    does them all (the progress bar's total); None when several share them (each shows its own count).
     """
 
-    def __init__(self, backbone: Backbone, batch_size: int, tf_threads: int = 0):
+    def __init__(self, backbone: Backbone, batch_size: int, threads: int = 0, litert_model: bytes | None = None,
+                 to_compute: int | None = None):
         super().__init__()
         self._backbone = backbone
         self._batch_size = batch_size
-        self._tf_threads = tf_threads
+        self._threads = threads
+        self._litert_model = litert_model
+        self._to_compute = to_compute
         self._bar = None
+
+    @property
+    def engine(self) -> str:
+        return "litert" if self._litert_model is not None else "tensorflow"
 
     def load_model(self):
         import tensorflow as tf
 
-        if self._backbone in _INFER_FUNCTIONS:  # the Dask runner sets the DoFn up once per shard
-            return _INFER_FUNCTIONS[self._backbone]
-        if self._tf_threads:
+        key = (self._backbone, self.engine)
+        if key in _INFER_FUNCTIONS:  # the Dask runner sets the DoFn up once per shard
+            return _INFER_FUNCTIONS[key]
+        if self._threads:
             try:  # a fresh worker process: size its pools so workers x threads <= cores
-                tf.config.threading.set_intra_op_parallelism_threads(self._tf_threads)
-                tf.config.threading.set_inter_op_parallelism_threads(self._tf_threads)
+                tf.config.threading.set_intra_op_parallelism_threads(self._threads)
+                tf.config.threading.set_inter_op_parallelism_threads(self._threads)
             except RuntimeError:
                 pass  # TensorFlow already running in this process (in-memory mode): keep its pools
-        extractor = extractor_for(self._backbone)
         image_size = self._backbone.image_size
+        if self._litert_model is not None:
+            from components.engines import LiteRT
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], reduce_retracing=True)
-        def infer(image_bytes):
-            return extractor(images.decode_batch(image_bytes, image_size), training=False)
+            run = LiteRT(self._litert_model, self._threads or os.cpu_count() or 1)
+            decode = tf.function(lambda image_bytes: images.decode_batch(image_bytes, image_size),
+                                 input_signature=[tf.TensorSpec([None], tf.string)], reduce_retracing=True)
 
-        infer.extractor = extractor  # keep the Keras model alive with its function
-        _INFER_FUNCTIONS[self._backbone] = infer
+            def infer(image_bytes: list[bytes]) -> np.ndarray:
+                return run(decode(tf.constant(image_bytes)).numpy())
+        else:
+            extractor = extractor_for(self._backbone)
+
+            @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], reduce_retracing=True)
+            def forward(image_bytes):
+                return extractor(images.decode_batch(image_bytes, image_size), training=False)
+
+            def infer(image_bytes: list[bytes], _keep=extractor) -> np.ndarray:  # _keep: a tf.function holds
+                return forward(tf.constant(image_bytes)).numpy()                  # its variables weakly
+        _INFER_FUNCTIONS[key] = infer
         return infer
 
     def run_inference(self, batch: Sequence[ShardWork], model, inference_args=None) -> Iterable[PredictionResult]:
-        import tensorflow as tf
-
+        bar = self._progress()
         results = []
         for work in batch:
-            chunks = [model(tf.constant(work.images[i:i + self._batch_size])).numpy()
-                      for i in range(0, len(work.images), self._batch_size)]
-            self._progress(len(work.images))
+            chunks = []
+            for i in range(0, len(work.images), self._batch_size):
+                chunks.append(model(work.images[i:i + self._batch_size]))
+                bar.update(len(chunks[-1]))
             results.append(PredictionResult(work, np.concatenate(chunks) if chunks else None))
+        if bar.total is not None and bar.n >= bar.total:
+            bar.close()  # all done: its last figures shown
         return results
 
-    def _progress(self, n: int) -> None:
-        from tqdm import tqdm
-
+    def _progress(self):
+        """The bar, started before the first batch so that its rate and time left count from there."""
         if self._bar is None:
-            self._bar = tqdm(desc=f"bottleneck: forward passes (pid {os.getpid()})", unit="img")
-        self._bar.update(n)
+            from tqdm import tqdm
+
+            who = "" if self._to_compute is not None else f", pid {os.getpid()}"
+            self._bar = tqdm(total=self._to_compute, desc=f"bottleneck: forward passes ({self.engine}{who})",
+                             unit="photo", mininterval=1.0)
+        return self._bar
 
     def get_num_bytes(self, batch: Sequence[ShardWork]) -> int:
         return sum(len(b) for work in batch for b in work.images)

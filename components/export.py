@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from components import engines
 from components.atomic import write_json
 from components.errors import GraftlineError
 
@@ -76,7 +77,7 @@ def saved_model(model, labels: list[str], image_size: int, path: Path) -> None:
 
     # The TFLite files are converted from this signature, not from the Keras model: that would write a
     # second SavedModel per file (about 7 s each for MobileNetV2).
-    float_model = float32_twin(model)
+    float_model = engines.float32_twin(model)
 
     @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")])
     def serve_images(pixels):
@@ -89,25 +90,6 @@ def saved_model(model, labels: list[str], image_size: int, path: Path) -> None:
     archive.add_endpoint("serve", serve)
     archive.add_endpoint(IMAGES_SIGNATURE, serve_images)
     archive.write_out(str(path), verbose=False)
-
-
-def float32_twin(model):
-    """The model with every layer in float32: TFLite has no kernels for mixed-precision (float16) ops."""
-    import keras
-
-    from components import base_models
-
-    if all(layer.dtype_policy.name == "float32" for layer in base_models.all_layers(model)):
-        return model
-
-    def as_float32(layer):
-        config = layer.get_config()
-        config["dtype"] = "float32"
-        return layer.__class__.from_config(config)
-
-    twin = keras.models.clone_model(model, clone_function=as_float32, recursive=True)
-    twin.set_weights(model.get_weights())
-    return twin
 
 
 def tflite(saved_model_dir: Path, quantize: bool) -> bytes:
@@ -124,18 +106,9 @@ def tflite(saved_model_dir: Path, quantize: bool) -> bytes:
 def tflite_predict(content: bytes, images: np.ndarray) -> np.ndarray:
     """Class probabilities of a TFLite model for [n, size, size, 3] images in [0, 255], one photo per invoke
     (as components/inference.py runs Keras: the agreement does not depend on batching)."""
-    from ai_edge_litert.interpreter import Interpreter  # LiteRT: tf.lite.Interpreter is deprecated
+    import os
 
-    interpreter = Interpreter(model_content=content)
-    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    interpreter.resize_tensor_input(source["index"], [1, *images.shape[1:]])
-    interpreter.allocate_tensors()
-    out = []
-    for image in images:
-        interpreter.set_tensor(source["index"], image[None].astype(np.float32))
-        interpreter.invoke()
-        out.append(interpreter.get_tensor(target["index"])[0].copy())
-    return np.stack(out) if out else np.zeros((0, 0), np.float32)
+    return engines.LiteRT(content, os.cpu_count() or 1)(images) if len(images) else np.zeros((0, 0), np.float32)
 
 
 def model_card(labels: list[str], image_size: int, tflite_kinds=tuple(TFLITE_FILES)) -> str:

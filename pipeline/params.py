@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from components.engines import ENGINES
 from components.errors import GraftlineError
 from components.fetch import DOWNLOAD_DIR
 from components.photos import MAX_PIXELS
@@ -159,8 +160,11 @@ class BottleneckParams(Section):
                         "flags in `beam_options` (see \"Scale-out\")",
                         bool, "a Beam runner name such as DirectRunner, or dask")
     beam_options: tuple[str, ...] = param((), "free-form Beam flags, e.g. `[--direct_num_workers=2]`")
-    batch_size: int = param(16, "photos a forward pass (16 keeps three bases at 260 px under 2 GB of peak memory; "
-                            "no slower than 32 on a CPU)", **at_least(1))
+    engine: str = param("auto", "what runs the frozen bases: `litert` (XNNPACK, faster on a CPU), `tensorflow`, "
+                        "or `auto` (TensorFlow where a GPU is visible, LiteRT otherwise)",
+                        choices=ENGINES)
+    batch_size: int = param(16, "photos decoded at a time (TensorFlow: a forward pass; 16 keeps three bases at 260 "
+                            "px under 2 GB of peak memory)", **at_least(1))
     workers: int = param(1, "DirectRunner processes (1 = in-memory, fastest on 2 cores) or the local Dask "
                          "cluster's", **at_least(1))
     dask_address: str = param("", "runner `dask`: an existing scheduler (`tcp://host:8786`); `''` starts a local "

@@ -35,11 +35,12 @@ def weights(tmp_path_factory) -> Path:
 
 
 def make_params(weights: Path, cache_dir: str = "", workers: int = 1, image_size: int = SIZE,
-                runner: str = "DirectRunner"):
+                runner: str = "DirectRunner", engine: str = "auto"):
     return params_mod.from_dict({
         "data": {"source": "unused", "sha256": "", "val_percent": 25, "test_percent": 25},
         "base": {"model": "mobilenet_v2", "alpha": 0.35, "image_size": image_size, "weights": str(weights)},
-        "bottleneck": {"cache_dir": cache_dir, "workers": workers, "batch_size": 8, "runner": runner},
+        "bottleneck": {"cache_dir": cache_dir, "workers": workers, "batch_size": 8, "runner": runner,
+                       "engine": engine},
     })
 
 
@@ -106,7 +107,7 @@ def test_in_memory_and_multi_process_give_the_same_features(weights, examples, t
     # workers x threads never exceeds the cores
     import os
 
-    assert multi["tf_threads_per_worker"] * 2 <= max(2, os.cpu_count())
+    assert multi["threads_per_worker"] * 2 <= max(2, os.cpu_count())
 
 
 def test_user_flags_override_the_running_mode(weights):
@@ -118,19 +119,31 @@ def test_user_flags_override_the_running_mode(weights):
     assert flags == ["--runner=DirectRunner", "--direct_running_mode=multi_threading"]
 
 
-def test_rerun_after_adding_photos_makes_only_the_new_forward_passes(weights, tmp_path):
+def progress_bars(err: str) -> list[str]:
+    """The bottleneck bar's lines as the terminal last showed them (tqdm redraws after a carriage return)."""
+    return [line.split("\r")[-1].strip() for line in err.split("\n") if "bottleneck: forward passes" in line]
+
+
+def test_rerun_after_adding_photos_makes_only_the_new_forward_passes(weights, tmp_path, capfd):
     cache = str(tmp_path / "cache")
     tree = tmp_path / "photos"
     examples = ingested(tmp_path, {"cats": 8, "dogs": 8}, tree=tree)
+    capfd.readouterr()
     first = extract(make_params(weights, cache), examples, tmp_path / "run1")
     assert first["forward_passes"] == 16 and first["cache"]["hits"] == 0
+    # The bar counts photos to compute, batch by batch, against its total from the start.
+    bars = progress_bars(capfd.readouterr().err)
+    assert len(bars) == 1 and "16/16" in bars[0] and "(litert)" in bars[0], bars
     again = extract(make_params(weights, cache), examples, tmp_path / "run2")
     assert again["forward_passes"] == 0 and again["cache"]["hits"] == 16
     assert _equal(all_features(tmp_path / "run1/bottlenecks"), all_features(tmp_path / "run2/bottlenecks"))
 
     examples = ingested(tmp_path, {"cats": 3, "dogs": 2}, start=100, tree=tree)  # 5 new photos
+    capfd.readouterr()
     grown = extract(make_params(weights, cache), examples, tmp_path / "run3")
     assert grown["forward_passes"] == 5 and grown["cache"]["hits"] == 16
+    bars = progress_bars(capfd.readouterr().err)
+    assert len(bars) == 1 and "5/5" in bars[0], bars  # cache hits are not in its total
     grown_features = all_features(tmp_path / "run3/bottlenecks")
     assert len(grown_features) == 21
     old = all_features(tmp_path / "run1/bottlenecks")
@@ -138,6 +151,27 @@ def test_rerun_after_adding_photos_makes_only_the_new_forward_passes(weights, tm
 
     resized = extract(make_params(weights, cache, image_size=SIZE + 32), examples, tmp_path / "run4")
     assert resized["forward_passes"] == 21 and resized["cache"]["folder"] != grown["cache"]["folder"]
+
+
+def test_litert_and_tensorflow_engines_agree_and_cache_apart(weights, examples, tmp_path):
+    """bottleneck.engine: LiteRT's features within the stated tolerance of TensorFlow's, each engine's in its
+    own cache folder (a switch recomputes, never mixes), the report naming the engine that ran."""
+    from components import engines
+
+    cache = str(tmp_path / "cache")
+    tf_run = extract(make_params(weights, cache, engine="tensorflow"), examples, tmp_path / "tf")
+    lite_run = extract(make_params(weights, cache, engine="litert"), examples, tmp_path / "lite")
+    auto_run = extract(make_params(weights, cache), examples, tmp_path / "auto")  # no GPU here: LiteRT
+    assert tf_run["engine"]["ran"] == "tensorflow" and tf_run["engine"]["conversion_s"] is None
+    assert lite_run["engine"]["ran"] == auto_run["engine"]["ran"] == "litert" and lite_run["engine"]["conversion_s"] > 0
+    assert tf_run["forward_passes"] == lite_run["forward_passes"] == 30 and auto_run["cache"]["hits"] == 30
+    assert tf_run["cache"]["folder"] != lite_run["cache"]["folder"] == auto_run["cache"]["folder"]
+    reference, litert = all_features(tmp_path / "tf" / "bottlenecks"), all_features(tmp_path / "lite" / "bottlenecks")
+    assert reference.keys() == litert.keys()
+    for key in reference:
+        scale = np.abs(reference[key]).max()
+        assert scale > 0 and np.isfinite(litert[key]).all()
+        assert np.abs(litert[key] - reference[key]).max() <= engines.FEATURE_TOLERANCE * scale, key
 
 
 def test_torn_or_corrupt_cache_entries_are_recomputed_not_read(weights, examples, tmp_path):

@@ -17,11 +17,12 @@ nothing; the output folder appears only once complete (renamed into place,
 then ``manifest.json``). The counts in the report come from the receipts,
 since the DaskRunner has no metrics.
 
-The model handler (components/beam_inference.py) builds the backbone (components/backbone.py) once per
-worker process and runs decode + resize + each base's preprocessing and network in one ``tf.function`` on
-batches of ``bottleneck.batch_size``. Features are cached per image under the backbone's
+The model handler (components/beam_inference.py) sets the engine up once per worker process
+(``bottleneck.engine``, components/engines.py: on a CPU the backbone of components/backbone.py
+converted to LiteRT here, once; TensorFlow's tf.function otherwise) and decodes + resizes
+``bottleneck.batch_size`` photos at a time for it. Features are cached per image under the backbone's
 fingerprint of everything that determines them (bases, alpha, weights files' hashes, image size,
-preprocessing, decode), so a re-run after adding k photos
+preprocessing, decode, engine), so a re-run after adding k photos
 makes k forward passes; any change to those inputs starts a new, empty
 fingerprint folder.
 
@@ -50,7 +51,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from components import features, records
+from components import engines, features, records
 from components.backbone import Backbone
 from components.beam_inference import FeatureExtractorHandler, ShardWork, extractor_for
 from components.atomic import write_json
@@ -129,17 +130,22 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     units = [(split, url, records.part_name(url)) for split in records.SPLITS for url in shards[split]]
 
     # 2. The backbone, built here once so that a bad weights file fails now with one line, not inside a
-    #    Beam worker; its feature width; the feature cache (off for random weights: they differ by seed).
+    #    Beam worker; the engine that runs it (LiteRT: converted here, once); its feature width; the feature
+    #    cache (off for random weights: they differ by seed).
     backbone = Backbone.from_params(params, training=False)
-    width = int(extractor_for(backbone).output_shape[-1])
-    cache = (VectorCache(absolute(p.cache_dir), backbone.fingerprint(), (width,))
+    engine, litert_model, convert_s = _engine(backbone, p.engine, base.model)
+    width = int(extractor_for(backbone).output_shape[-1]) if litert_model is None else _litert_width(litert_model)
+    cache = (VectorCache(absolute(p.cache_dir), backbone.fingerprint(engine), (width,))
              if p.cache_dir and backbone.cacheable else None)
-    # 3. The model handler, with TensorFlow threads shared out among local worker processes.
+    # 3. The model handler, with threads shared out among local worker processes.
     dask = is_dask(p.runner)
     # Local workers share this machine's cores; a remote cluster's machines size their own pools.
     local_workers = p.workers if p.runner == "DirectRunner" or (dask and not p.dask_address) else 0
-    tf_threads = max(1, (os.cpu_count() or 1) // local_workers) if local_workers else 0
-    handler = FeatureExtractorHandler(backbone, p.batch_size, tf_threads)
+    threads = max(1, (os.cpu_count() or 1) // local_workers) if local_workers else 0
+    # One process computes every photo (the default): its progress bar gets the total.
+    in_memory = p.runner == "DirectRunner" and p.workers == 1
+    handler = FeatureExtractorHandler(backbone, p.batch_size, threads, litert_model,
+                                      _to_compute(shards, cache) if in_memory else None)
     # 4. Run the pipeline on the runner; every shard's receipt, then the manifest; publish.
     out = str(outputs["bottlenecks"])
     with published(out) as folder, (dask_scheduler(p) if dask else contextlib.nullcontext("")) as address:
@@ -178,12 +184,47 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         "workers": p.workers,
         # Who ran the forward passes: the receipts' host:pid (several processes = the work was spread).
         "forward_passes_by_worker": passes_by_worker,
-        "tf_threads_per_worker": tf_threads,
+        "threads_per_worker": threads,
+        "engine": {"setting": p.engine, "ran": engine, "conversion_s": convert_s},
         "batch_size": p.batch_size,
         "wall_time_s": round(time.time() - started, 2),
     }
     write_json(Path(outputs["report"]), report)
     return report
+
+
+def _engine(backbone: Backbone, setting: str, model: str) -> tuple[str, bytes | None, float | None]:
+    """(the engine that runs, the LiteRT model when it is LiteRT, seconds its conversion took). ``auto`` falls
+    back to TensorFlow, with a line saying why, for a backbone LiteRT cannot convert; ``litert`` fails."""
+    engine = engines.resolve(setting)
+    if engine != "litert":
+        return engine, None, None
+    started = time.time()
+    extractor = backbone.extractor()  # not kept: LiteRT's copy of the weights is the one that runs
+    try:
+        content = engines.to_litert(extractor)
+    except Exception as error:  # the converter's errors have no common type
+        why = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:300]
+        if setting == "litert":
+            raise GraftlineError(f"bottleneck.engine: litert cannot convert {model} ({why}); "
+                                 "set bottleneck.engine: tensorflow (or auto)") from None
+        print(f"bottleneck: LiteRT cannot convert {model} ({why}); running it on TensorFlow", flush=True)
+        return "tensorflow", None, None
+    finally:
+        del extractor
+    return engine, content, round(time.time() - started, 2)
+
+
+def _litert_width(content: bytes) -> int:
+    from ai_edge_litert.interpreter import Interpreter
+
+    return int(Interpreter(model_content=content).get_output_details()[0]["shape"][-1])
+
+
+def _to_compute(shards: dict, cache: VectorCache | None) -> int:
+    """Photos the run will pass through the network: every one, cache hits apart (the progress bar's total)."""
+    return sum(cache is None or cache.get(hashlib.sha256(record.image).hexdigest())[0] is None
+               for urls in shards.values() for url in urls for record in records.read_shard(url))
 
 
 def _collect_receipts(folder: str, units: list, runner: str, out: str) -> list[dict]:
