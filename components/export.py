@@ -83,11 +83,13 @@ def saved_model(model, labels: list[str], image_size: int, path: Path) -> None:
     def serve_images(pixels):
         return float_model(pixels, training=False)
 
+    # Keras' ExportArchive: about 20 s of the default's export, in its write_out (docs/results.md). A plain
+    # tf.Module saved in half the time, but the TFLite converter then read NaN weights from it.
     archive = keras.export.ExportArchive()
     archive.track(model)
     if float_model is not model:  # a mixed-precision model: its float32 twin's weights go in too
         archive.track(float_model)
-    archive.add_endpoint("serve", serve)
+    archive.add_endpoint(SERVE_SIGNATURE, serve)
     archive.add_endpoint(IMAGES_SIGNATURE, serve_images)
     archive.write_out(str(path), verbose=False)
 
