@@ -174,6 +174,16 @@ class Backbone:
             branches.append(net(x, training=False))
         return keras.Model(photo, joined(branches), name="feature_extractor")
 
+    def parts(self, extractor) -> list:
+        """The extractor as one model per base (photo -> that base's features, its preprocessing included),
+        sharing its weights; their outputs side by side are the extractor's."""
+        import keras
+
+        if len(self.bases) == 1:
+            return [extractor]
+        return [keras.Model(extractor.inputs, output, name=f"{base.name}_features")
+                for base, output in zip(self.bases, extractor.get_layer("features").input)]
+
     def branches(self, extractor) -> list[tuple[list, object]]:
         """Per base, in order: the layers between the photo and the base (preprocessing, input block), and the
         base itself, as ``extractor()`` built them."""

@@ -15,7 +15,7 @@ import numpy as np
 from apache_beam.ml.inference import base as beam_inference
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from components import images
+from components import engines, images
 from components.backbone import Backbone
 
 # Beam 2.77 imports `resource` together with an optional torch-only module, so
@@ -56,7 +56,8 @@ class ShardWork:
 
 class FeatureExtractorHandler(ModelHandler[ShardWork, PredictionResult, Any]):
     """A shard's missing images -> pooled base features: decoded ``batch_size`` at a time, then run by the engine
-    (components/engines.py): the LiteRT model when one is given, else the Keras extractor in one tf.function.
+    (components/engines.py): the LiteRT models (one per base) when given, else the Keras extractor in one
+    tf.function.
 
     RunInference gets it pre-batched (``with_no_batching``): its element is a
     list of ShardWork, so no batch is formed in finish_bundle, which the
@@ -64,19 +65,19 @@ class FeatureExtractorHandler(ModelHandler[ShardWork, PredictionResult, Any]):
     does them all (the progress bar's total); None when several share them (each shows its own count).
     """
 
-    def __init__(self, backbone: Backbone, batch_size: int, threads: int = 0, litert_model: bytes | None = None,
+    def __init__(self, backbone: Backbone, batch_size: int, threads: int = 0, litert_models: list[bytes] | None = None,
                  to_compute: int | None = None):
         super().__init__()
         self._backbone = backbone
         self._batch_size = batch_size
         self._threads = threads
-        self._litert_model = litert_model
+        self._litert_models = litert_models
         self._to_compute = to_compute
         self._bar = None
 
     @property
     def engine(self) -> str:
-        return "litert" if self._litert_model is not None else "tensorflow"
+        return "litert" if self._litert_models is not None else "tensorflow"
 
     def load_model(self):
         import tensorflow as tf
@@ -84,17 +85,17 @@ class FeatureExtractorHandler(ModelHandler[ShardWork, PredictionResult, Any]):
         key = (self._backbone, self.engine)
         if key in _INFER_FUNCTIONS:  # the Dask runner sets the DoFn up once per shard
             return _INFER_FUNCTIONS[key]
-        if self._threads:
+        if self._litert_models is not None:
+            engines.tensorflow_decodes_only()
+        elif self._threads:
             try:  # a fresh worker process: size its pools so workers x threads <= cores
                 tf.config.threading.set_intra_op_parallelism_threads(self._threads)
                 tf.config.threading.set_inter_op_parallelism_threads(self._threads)
             except RuntimeError:
                 pass  # TensorFlow already running in this process (in-memory mode): keep its pools
         image_size = self._backbone.image_size
-        if self._litert_model is not None:
-            from components.engines import LiteRT
-
-            run = LiteRT(self._litert_model, self._threads or os.cpu_count() or 1)
+        if self._litert_models is not None:
+            run = engines.LiteRT(self._litert_models, self._threads or os.cpu_count() or 1)
             decode = tf.function(lambda image_bytes: images.decode_batch(image_bytes, image_size),
                                  input_signature=[tf.TensorSpec([None], tf.string)], reduce_retracing=True)
 

@@ -39,6 +39,31 @@ def resolve(engine: str) -> str:
     return "tensorflow" if tf.config.list_physical_devices("GPU") else "litert"
 
 
+def tensorflow_decodes_only() -> None:
+    """LiteRT runs the networks on its own threads; TensorFlow only decodes, on one thread: its idle pool
+    threads spin for a while after each batch and slowed LiteRT by about 15% on two cores. No effect once
+    TensorFlow runs in this process (TFX's LocalDagRunner, tests): its pools stay."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass
+
+
+def backbone_to_litert(backbone, extractor) -> list[bytes]:
+    """The backbone's extractor as one LiteRT model per base (Backbone.parts): converting the default's three
+    bases at once took over 2 GB at its peak, one at a time about 1.4 GB."""
+    import gc
+
+    models = []
+    for part in backbone.parts(extractor):
+        models.append(to_litert(part))
+        gc.collect()  # the frozen graph and the converter's copies of this part's weights
+    return models
+
+
 def to_litert(extractor) -> bytes:
     """The extractor as a float32 LiteRT model taking [1, size, size, 3] photos in [0, 255]; builtin ops only."""
     import tensorflow as tf
@@ -83,23 +108,32 @@ def float32_twin(model):
 
 
 class LiteRT:
-    """A LiteRT model run one photo per invoke (batching does not speed XNNPACK up on a CPU, and a photo's
-    features then do not depend on the photos beside it)."""
+    """LiteRT models run side by side, one photo per invoke (batching does not speed XNNPACK up on a CPU, and
+    a photo's features then do not depend on the photos beside it); their outputs joined in order."""
 
-    def __init__(self, content: bytes, threads: int):
+    def __init__(self, contents: bytes | list[bytes], threads: int):
         from ai_edge_litert.interpreter import Interpreter  # tf.lite.Interpreter is deprecated
 
-        self._interpreter = Interpreter(model_content=content, num_threads=max(1, threads))
-        self._source = self._interpreter.get_input_details()[0]["index"]
-        self._target = self._interpreter.get_output_details()[0]["index"]
-        self._interpreter.resize_tensor_input(self._source, [1, *self._interpreter.get_input_details()[0]["shape"][1:]])
-        self._interpreter.allocate_tensors()  # once: set_tensor after it, never before
+        self._runs = []
+        for content in [contents] if isinstance(contents, bytes) else contents:
+            interpreter = Interpreter(model_content=content, num_threads=max(1, threads))
+            source = interpreter.get_input_details()[0]
+            interpreter.resize_tensor_input(source["index"], [1, *source["shape"][1:]])
+            interpreter.allocate_tensors()  # once: set_tensor after it, never before
+            self._runs.append((interpreter, source["index"], interpreter.get_output_details()[0]["index"]))
+
+    @property
+    def width(self) -> int:
+        return sum(int(interpreter.get_output_details()[0]["shape"][-1]) for interpreter, _, _ in self._runs)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """[n, size, size, 3] float32 in [0, 255] -> [n, width] float32."""
         out = []
         for photo in np.asarray(pixels, np.float32):
-            self._interpreter.set_tensor(self._source, photo[None])
-            self._interpreter.invoke()
-            out.append(self._interpreter.get_tensor(self._target)[0])  # a copy
+            parts = []
+            for interpreter, source, target in self._runs:
+                interpreter.set_tensor(source, photo[None])
+                interpreter.invoke()
+                parts.append(interpreter.get_tensor(target)[0])  # a copy
+            out.append(np.concatenate(parts) if len(parts) > 1 else parts[0])
         return np.stack(out)

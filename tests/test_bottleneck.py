@@ -207,6 +207,8 @@ def test_random_weights_are_never_cached(examples, tmp_path):
     })
     report = extract(params, examples, tmp_path)
     assert report["cache"]["folder"] is None and not (tmp_path / "cache").exists()
+    # auto keeps random weights on TensorFlow: later stages draw them again from the seed, on TensorFlow
+    assert report["engine"] == {"setting": "auto", "ran": "tensorflow", "conversion_s": None}
 
 
 def test_missing_examples_is_one_clear_error(weights, tmp_path):

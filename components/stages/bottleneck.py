@@ -133,8 +133,8 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     #    Beam worker; the engine that runs it (LiteRT: converted here, once); its feature width; the feature
     #    cache (off for random weights: they differ by seed).
     backbone = Backbone.from_params(params, training=False)
-    engine, litert_model, convert_s = _engine(backbone, p.engine, base.model)
-    width = int(extractor_for(backbone).output_shape[-1]) if litert_model is None else _litert_width(litert_model)
+    engine, litert_models, convert_s = _engine(backbone, p.engine, base.model)
+    width = int(extractor_for(backbone).output_shape[-1])
     cache = (VectorCache(absolute(p.cache_dir), backbone.fingerprint(engine), (width,))
              if p.cache_dir and backbone.cacheable else None)
     # 3. The model handler, with threads shared out among local worker processes.
@@ -144,7 +144,7 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     threads = max(1, (os.cpu_count() or 1) // local_workers) if local_workers else 0
     # One process computes every photo (the default): its progress bar gets the total.
     in_memory = p.runner == "DirectRunner" and p.workers == 1
-    handler = FeatureExtractorHandler(backbone, p.batch_size, threads, litert_model,
+    handler = FeatureExtractorHandler(backbone, p.batch_size, threads, litert_models,
                                       _to_compute(shards, cache) if in_memory else None)
     # 4. Run the pipeline on the runner; every shard's receipt, then the manifest; publish.
     out = str(outputs["bottlenecks"])
@@ -193,16 +193,18 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     return report
 
 
-def _engine(backbone: Backbone, setting: str, model: str) -> tuple[str, bytes | None, float | None]:
-    """(the engine that runs, the LiteRT model when it is LiteRT, seconds its conversion took). ``auto`` falls
-    back to TensorFlow, with a line saying why, for a backbone LiteRT cannot convert; ``litert`` fails."""
+def _engine(backbone: Backbone, setting: str, model: str) -> tuple[str, list[bytes] | None, float | None]:
+    """(the engine that runs, the LiteRT models when it is LiteRT, seconds their conversion took). ``auto`` falls
+    back to TensorFlow, with a line saying why, for a backbone LiteRT cannot convert; ``litert`` fails. ``auto``
+    keeps random weights on TensorFlow, whose features later stages recompute from the same seed."""
     engine = engines.resolve(setting)
-    if engine != "litert":
-        return engine, None, None
+    if engine != "litert" or (setting == "auto" and not backbone.cacheable):
+        return "tensorflow", None, None
     started = time.time()
-    extractor = backbone.extractor()  # not kept: LiteRT's copy of the weights is the one that runs
+    engines.tensorflow_decodes_only()  # before TensorFlow starts in this process
+    extractor = extractor_for(backbone)  # built here either way: a bad weights file is one line, from here
     try:
-        content = engines.to_litert(extractor)
+        content = engines.backbone_to_litert(backbone, extractor)
     except Exception as error:  # the converter's errors have no common type
         why = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:300]
         if setting == "litert":
@@ -210,15 +212,7 @@ def _engine(backbone: Backbone, setting: str, model: str) -> tuple[str, bytes | 
                                  "set bottleneck.engine: tensorflow (or auto)") from None
         print(f"bottleneck: LiteRT cannot convert {model} ({why}); running it on TensorFlow", flush=True)
         return "tensorflow", None, None
-    finally:
-        del extractor
     return engine, content, round(time.time() - started, 2)
-
-
-def _litert_width(content: bytes) -> int:
-    from ai_edge_litert.interpreter import Interpreter
-
-    return int(Interpreter(model_content=content).get_output_details()[0]["shape"][-1])
 
 
 def _to_compute(shards: dict, cache: VectorCache | None) -> int:
