@@ -85,9 +85,7 @@ class FeatureExtractorHandler(ModelHandler[ShardWork, PredictionResult, Any]):
         key = (self._backbone, self.engine)
         if key in _INFER_FUNCTIONS:  # the Dask runner sets the DoFn up once per shard
             return _INFER_FUNCTIONS[key]
-        if self._litert_models is not None:
-            engines.tensorflow_decodes_only()
-        elif self._threads:
+        if self._threads:
             try:  # a fresh worker process: size its pools so workers x threads <= cores
                 tf.config.threading.set_intra_op_parallelism_threads(self._threads)
                 tf.config.threading.set_inter_op_parallelism_threads(self._threads)

@@ -39,19 +39,6 @@ def resolve(engine: str) -> str:
     return "tensorflow" if tf.config.list_physical_devices("GPU") else "litert"
 
 
-def tensorflow_decodes_only() -> None:
-    """LiteRT runs the networks on its own threads; TensorFlow only decodes, on one thread: its idle pool
-    threads spin for a while after each batch and slowed LiteRT by about 15% on two cores. No effect once
-    TensorFlow runs in this process (TFX's LocalDagRunner, tests): its pools stay."""
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:
-        pass
-
-
 def backbone_to_litert(backbone, extractor) -> list[bytes]:
     """The backbone's extractor as one LiteRT model per base (Backbone.parts): converting the default's three
     bases at once took over 2 GB at its peak, one at a time about 1.4 GB."""

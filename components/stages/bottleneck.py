@@ -130,22 +130,26 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     units = [(split, url, records.part_name(url)) for split in records.SPLITS for url in shards[split]]
 
     # 2. The backbone, built here once so that a bad weights file fails now with one line, not inside a
-    #    Beam worker; the engine that runs it (LiteRT: converted here, once); its feature width; the feature
-    #    cache (off for random weights: they differ by seed).
+    #    Beam worker; its feature width; the engine that runs it and its feature cache (off for random
+    #    weights: they differ by seed); LiteRT's models, converted here once when there is work for them.
     backbone = Backbone.from_params(params, training=False)
-    engine, litert_models, convert_s = _engine(backbone, p.engine, base.model)
     width = int(extractor_for(backbone).output_shape[-1])
-    cache = (VectorCache(absolute(p.cache_dir), backbone.fingerprint(engine), (width,))
-             if p.cache_dir and backbone.cacheable else None)
+    engine = _engine(backbone, p.engine)
+    # One process computes every photo (the default): its progress bar gets the total.
+    in_memory = p.runner == "DirectRunner" and p.workers == 1
+    cache, to_compute = _cache(p, backbone, engine, width, shards, in_memory)
+    litert_models, convert_s = None, None
+    if engine == "litert" and to_compute != 0:
+        litert_models, convert_s = _litert(backbone, p.engine, base.model)
+        if litert_models is None:  # auto, and LiteRT cannot convert it
+            engine = "tensorflow"
+            cache, to_compute = _cache(p, backbone, engine, width, shards, in_memory)
     # 3. The model handler, with threads shared out among local worker processes.
     dask = is_dask(p.runner)
     # Local workers share this machine's cores; a remote cluster's machines size their own pools.
     local_workers = p.workers if p.runner == "DirectRunner" or (dask and not p.dask_address) else 0
     threads = max(1, (os.cpu_count() or 1) // local_workers) if local_workers else 0
-    # One process computes every photo (the default): its progress bar gets the total.
-    in_memory = p.runner == "DirectRunner" and p.workers == 1
-    handler = FeatureExtractorHandler(backbone, p.batch_size, threads, litert_models,
-                                      _to_compute(shards, cache) if in_memory else None)
+    handler = FeatureExtractorHandler(backbone, p.batch_size, threads, litert_models, to_compute)
     # 4. Run the pipeline on the runner; every shard's receipt, then the manifest; publish.
     out = str(outputs["bottlenecks"])
     with published(out) as folder, (dask_scheduler(p) if dask else contextlib.nullcontext("")) as address:
@@ -193,26 +197,35 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     return report
 
 
-def _engine(backbone: Backbone, setting: str, model: str) -> tuple[str, list[bytes] | None, float | None]:
-    """(the engine that runs, the LiteRT models when it is LiteRT, seconds their conversion took). ``auto`` falls
-    back to TensorFlow, with a line saying why, for a backbone LiteRT cannot convert; ``litert`` fails. ``auto``
-    keeps random weights on TensorFlow, whose features later stages recompute from the same seed."""
+def _engine(backbone: Backbone, setting: str) -> str:
+    """The engine ``bottleneck.engine`` names here. ``auto`` keeps random weights on TensorFlow, whose
+    features later stages recompute from the same seed."""
     engine = engines.resolve(setting)
-    if engine != "litert" or (setting == "auto" and not backbone.cacheable):
-        return "tensorflow", None, None
+    return "tensorflow" if setting == "auto" and not backbone.cacheable else engine
+
+
+def _cache(p, backbone: Backbone, engine: str, width: int, shards: dict, in_memory: bool
+           ) -> tuple[VectorCache | None, int | None]:
+    """The engine's feature cache, and the photos to compute when one process computes them all."""
+    cache = (VectorCache(absolute(p.cache_dir), backbone.fingerprint(engine), (width,))
+             if p.cache_dir and backbone.cacheable else None)
+    return cache, _to_compute(shards, cache) if in_memory else None
+
+
+def _litert(backbone: Backbone, setting: str, model: str) -> tuple[list[bytes] | None, float | None]:
+    """(LiteRT's models, seconds their conversion took); (None, None) when ``auto`` falls back to TensorFlow,
+    with a line saying why; ``litert`` fails instead."""
     started = time.time()
-    engines.tensorflow_decodes_only()  # before TensorFlow starts in this process
-    extractor = extractor_for(backbone)  # built here either way: a bad weights file is one line, from here
     try:
-        content = engines.backbone_to_litert(backbone, extractor)
+        content = engines.backbone_to_litert(backbone, extractor_for(backbone))
     except Exception as error:  # the converter's errors have no common type
         why = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:300]
         if setting == "litert":
             raise GraftlineError(f"bottleneck.engine: litert cannot convert {model} ({why}); "
                                  "set bottleneck.engine: tensorflow (or auto)") from None
         print(f"bottleneck: LiteRT cannot convert {model} ({why}); running it on TensorFlow", flush=True)
-        return "tensorflow", None, None
-    return engine, content, round(time.time() - started, 2)
+        return None, None
+    return content, round(time.time() - started, 2)
 
 
 def _to_compute(shards: dict, cache: VectorCache | None) -> int:
