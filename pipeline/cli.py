@@ -148,8 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         console.end_progress_bars()
         print(f"graftline {args.command}: error: {one_line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:
-        name = str(exc) if isinstance(exc, Interrupted) else "SIGINT"
+    except (KeyboardInterrupt, Exception) as exc:
+        # Python wraps what a signal handler raises inside some calls (a class body's __set_name__ while a
+        # module imports) in a RuntimeError: the interruption is its cause.
+        cause = exc
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        name = str(cause) if isinstance(cause, Interrupted) else "SIGINT"
         console.end_progress_bars()
         print(f"graftline {args.command}: interrupted by {name}; no output was half-written.", file=sys.stderr)
         return 128 + signal.Signals[name]
