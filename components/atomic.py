@@ -22,7 +22,31 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _alive(pid: int) -> bool:
+def _boot_time() -> float | None:
+    try:
+        return next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _alive(pid: int, made_at: float) -> bool:
+    """Whether the process that wrote a temporary last at ``made_at`` still runs.
+
+    A zombie is dead: a stage killed with its `dvc repro` is re-parented to PID 1, and in a container
+    whose PID 1 does not reap it stays a zombie for good (kill(pid, 0) still succeeds). A process that
+    started after the temporary was last written is another one that got the same pid.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): ask the kernel
+        stat = None
+    boot = _boot_time()
+    if stat is not None and boot is not None:
+        fields = stat.rsplit(")", 1)[1].split()  # the command name, in parentheses, may hold spaces
+        started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return fields[0] not in ("Z", "X") and started <= made_at + 2  # btime is whole seconds
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -30,6 +54,22 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process: alive
         return True
     return True
+
+
+def left_by_a_dead_process(path: Path) -> bool:
+    """Whether ``path`` is a temporary (``.<name>.tmp-<pid>-*``) whose writing process is gone."""
+    if ".tmp-" not in path.name:
+        return False
+    pid = path.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+    if not pid.isdigit():  # not a name this module gives: nobody's
+        return True
+    if int(pid) == os.getpid():
+        return False
+    try:
+        made_at = path.lstat().st_ctime  # never earlier than its last write (copy2 can back-date mtime)
+    except FileNotFoundError:  # its own process put it in place or removed it meanwhile
+        return False
+    return not _alive(int(pid), made_at)
 
 
 def remove_leftovers(final: Path) -> list[Path]:
@@ -41,11 +81,9 @@ def remove_leftovers(final: Path) -> list[Path]:
     """
     removed = []
     for path in Path(final).parent.glob(glob.escape(f".{Path(final).name}.tmp-") + "*"):
-        pid = path.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and (int(pid) == os.getpid() or _alive(int(pid))):
-            continue
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        removed.append(path)
+        if left_by_a_dead_process(path):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
     return removed
 
 

@@ -6,19 +6,26 @@ view...), so a re-run after adding k photos computes k arrays, and any change
 of those inputs starts a new, empty folder. An entry is the raw array followed
 by its CRC32, written under a temporary name and renamed into place: an entry
 of the wrong length or checksum (a torn write, a bad disk) is a miss and is
-rewritten. Local folders use plain file I/O; other locations (gs://, s3://, a
+rewritten. A temporary is named after its process and machine; the first cache
+opened on a folder in a process removes those this machine's dead processes left. Local folders use plain file I/O; other locations (gs://, s3://, a
 cluster's filesystem) go through Beam's FileSystems.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import uuid
 import zlib
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from components import atomic
+
+HOST = socket.gethostname().replace("-", "_")  # in temporary names, after the pid ("-" separates them)
+_swept: set[str] = set()
 
 
 def is_local(location: str) -> bool:
@@ -30,6 +37,8 @@ class VectorCache:
         self.folder = os.path.join(root, folder) if is_local(root) else f"{root.rstrip('/')}/{folder}"
         self.shape, self.dtype, self.suffix = tuple(shape), np.dtype(dtype), suffix
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        if is_local(self.folder):
+            sweep(self.folder)
 
     def path(self, sha256: str) -> str:
         name = f"{sha256[:2]}/{sha256}.{self.suffix}"
@@ -74,7 +83,8 @@ def written(final: str) -> Iterator:
     A task that dies or runs twice (Dask reschedules a killed worker's tasks)
     leaves either nothing or a whole file under the final name.
     """
-    tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+    head, _, name = final.rpartition("/")
+    tmp = f"{head}/.{name}.tmp-{os.getpid()}-{HOST}-{uuid.uuid4().hex}"
     if is_local(final):
         Path(final).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -97,3 +107,18 @@ def written(final: str) -> Iterator:
         with contextlib.suppress(Exception):
             FileSystems.delete([tmp])
         raise
+
+
+def sweep(folder: str) -> None:
+    """Remove the temporaries that dead processes of this machine left in a local cache folder (a SIGKILL while an
+    entry was written), once per folder and process. Another machine's (a shared disk) are its own business."""
+    if folder in _swept or not os.path.isdir(folder):
+        return
+    _swept.add(folder)
+    for sub in os.scandir(folder):
+        if sub.is_dir():
+            for entry in os.scandir(sub.path):
+                if entry.name.startswith(".") and f"-{HOST}-" in entry.name \
+                        and atomic.left_by_a_dead_process(Path(entry.path)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
