@@ -196,6 +196,32 @@ def complete(journal: Path) -> None:
     journal.unlink()
 
 
+@contextlib.contextmanager
+def one_at_a_time(lock: Path, what: str) -> Iterator[None]:
+    """Hold ``lock`` (a file, locked while held; the lock dies with the process, however it ends) inside the block;
+    when another process holds it, refuse with one line naming it. Two runs of one stage would each put a whole
+    set in place, but share its checkpoints and journal."""
+    import fcntl
+
+    from components.errors import GraftlineError
+
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise GraftlineError(f"{what} is already running in this project ({holder}; {lock} is locked): wait for "
+                                 "it to end, or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield
+
+
 def write_json(path: Path, obj) -> None:
     with atomic_file(path) as handle:
         json.dump(obj, handle, indent=2, sort_keys=False)

@@ -57,7 +57,7 @@ VARIABLES_SHARDS = "variables/variables.data-*-of-*"
 REEXPORT = "restore it (`dvc checkout --force {folder}`) or export it again (`dvc repro fine_tune`)"
 
 
-def saved_model(model, labels: list[str], image_size: int, path: Path) -> None:
+def saved_model(model, labels: list[str], image_size: int, path: Path, max_pixels: int) -> None:
     import keras
     import tensorflow as tf
 
@@ -68,8 +68,11 @@ def saved_model(model, labels: list[str], image_size: int, path: Path) -> None:
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve(image_bytes):
         """Encoded JPEG/PNG/GIF/BMP files -> probabilities. The EXIF orientation tag is not read: send upright
-        pixels (see the module docstring and MODEL_CARD.md)."""
-        probabilities = model(images.decode_batch(image_bytes, image_size), training=False)
+        pixels (see the module docstring and MODEL_CARD.md). Photos above ``max_pixels`` are refused from their
+        headers, before anything is decoded."""
+        with tf.control_dependencies([images.refuse_above(image_bytes, max_pixels)]):
+            decoded = images.decode_batch(image_bytes, image_size)
+        probabilities = model(decoded, training=False)
         top = tf.argmax(probabilities, axis=-1)
         return {"probabilities": probabilities, "class_index": top,
                 "class_name": tf.gather(class_names, top),
@@ -113,7 +116,7 @@ def tflite_predict(content: bytes, images: np.ndarray) -> np.ndarray:
     return engines.LiteRT(content, os.cpu_count() or 1)(images) if len(images) else np.zeros((0, 0), np.float32)
 
 
-def model_card(labels: list[str], image_size: int, tflite_kinds=tuple(TFLITE_FILES)) -> str:
+def model_card(labels: list[str], image_size: int, tflite_kinds: tuple[str, ...], max_pixels: int) -> str:
     """MODEL_CARD.md: what each form in the folder takes and returns (no date or machine: the same model
     gives the same card)."""
     size = f"{image_size} x {image_size}"
@@ -134,7 +137,8 @@ def model_card(labels: list[str], image_size: int, tflite_kinds=tuple(TFLITE_FIL
         f"- `{SAVED_MODEL_DIR}/`, signature `{SERVE_SIGNATURE}`: `image_bytes`, a batch (string tensor) of "
         "encoded JPEG, PNG, GIF (first frame) or BMP files. Decoded with `tf.io.decode_image` and resized to "
         f"{size} (bilinear, no crop) inside the graph. Returns `probabilities` [batch, {len(labels)}], "
-        "`class_index`, `class_name` and `labels`.",
+        f"`class_index`, `class_name` and `labels`. A batch with a photo above {max_pixels:,} pixels (as its "
+        "header states; the project's `data.max_pixels`) is refused before anything is decoded.",
         f"- `{SAVED_MODEL_DIR}/`, signature `{IMAGES_SIGNATURE}`: `images`, float32 [batch, {image_size}, "
         f"{image_size}, 3], RGB in [0, 255]. Returns the probabilities.",
         f"- `{MODEL_FILE}` (Keras 3; `import components.images` first): the same input as `{IMAGES_SIGNATURE}`.",
@@ -146,17 +150,17 @@ def model_card(labels: list[str], image_size: int, tflite_kinds=tuple(TFLITE_FIL
 
 
 def export(model, labels: list[str], image_size: int, out_dir: Path, check_images: np.ndarray | None,
-           tflite_kinds=tuple(TFLITE_FILES)) -> dict:
+           tflite_kinds: tuple[str, ...], max_pixels: int) -> dict:
     """Write every form into ``out_dir`` (TFLite: the ``tflite_kinds`` asked for); returns TFLite sizes and
-    top-1 agreement with Keras."""
+    top-1 agreement with Keras. ``serve`` refuses photos above ``max_pixels`` (data.max_pixels)."""
     from components import inference
 
     out_dir = Path(out_dir)
     model.save(out_dir / MODEL_FILE)
     write_json(out_dir / LABELS_FILE, labels)
     (out_dir / LABELS_TXT).write_text("".join(f"{name}\n" for name in labels))
-    (out_dir / MODEL_CARD).write_text(model_card(labels, image_size, tflite_kinds))
-    saved_model(model, labels, image_size, out_dir / SAVED_MODEL_DIR)
+    (out_dir / MODEL_CARD).write_text(model_card(labels, image_size, tflite_kinds, max_pixels))
+    saved_model(model, labels, image_size, out_dir / SAVED_MODEL_DIR, max_pixels)
 
     checked = check_images is not None and len(check_images) > 0 and len(tflite_kinds) > 0
     keras_top1 = inference.probabilities(model, image_size, check_images).argmax(axis=1) if checked else None

@@ -36,6 +36,41 @@ def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
     return image
 
 
+def header_pixels(image_bytes: tf.Tensor) -> tf.Tensor:
+    """int64 width x height as an encoded photo's header states it, nothing decoded: JPEG, PNG, GIF, BMP (the
+    formats decode_image reads); 0 for anything else, which decoding then refuses."""
+    length = tf.strings.length(image_bytes)
+
+    def number(offset: int, size: int, little_endian: bool) -> tf.Tensor:
+        digits = tf.cast(tf.io.decode_raw(tf.strings.substr(image_bytes, offset, size), tf.uint8), tf.int64)
+        digits = tf.reverse(digits, [0]) if little_endian else digits
+        return tf.reduce_sum(digits * tf.constant([256 ** (size - 1 - i) for i in range(size)], tf.int64))
+
+    def signed32(value: tf.Tensor) -> tf.Tensor:  # BMP's height is negative for top-down rows
+        return tf.abs(tf.where(value >= 2 ** 31, value - 2 ** 32, value))
+
+    magic = tf.strings.substr(image_bytes, 0, tf.minimum(length, 4))
+    is_long = length >= 26
+    return tf.case([
+        (tf.io.is_jpeg(image_bytes), lambda: tf.reduce_prod(tf.cast(tf.io.extract_jpeg_shape(image_bytes)[:2], tf.int64))),
+        (is_long & tf.equal(magic, b"\x89PNG"), lambda: number(16, 4, False) * number(20, 4, False)),
+        (is_long & tf.equal(tf.strings.substr(magic, 0, tf.minimum(length, 3)), b"GIF"),
+         lambda: number(6, 2, True) * number(8, 2, True)),
+        (is_long & tf.equal(tf.strings.substr(magic, 0, tf.minimum(length, 2)), b"BM"),
+         lambda: signed32(number(18, 4, True)) * signed32(number(22, 4, True))),
+    ], default=lambda: tf.constant(0, tf.int64), exclusive=False)
+
+
+def refuse_above(image_bytes: tf.Tensor, max_pixels: int) -> tf.Tensor:
+    """An op that fails (InvalidArgumentError, one message) when any photo of the [batch] ``image_bytes`` states
+    more than ``max_pixels`` pixels: run before decoding, a 100-MP JPEG never becomes 300 MB of pixels."""
+    pixels = tf.map_fn(header_pixels, image_bytes, fn_output_signature=tf.int64)
+    return tf.debugging.assert_less_equal(
+        pixels, tf.constant(max_pixels, tf.int64),
+        message=f"a photo has more pixels than data.max_pixels = {max_pixels} (the limit this model was exported "
+                "with); downscale it first")
+
+
 def decode_batch(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
     """A [batch] string tensor -> float32 [batch, image_size, image_size, 3]."""
     return tf.map_fn(

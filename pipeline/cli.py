@@ -5,6 +5,7 @@ The paths are pipeline/stages.py's, from which dvc.yaml is generated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -70,7 +71,10 @@ def run_stage(name: str, params_path: str) -> dict:
         runtime.configure(params.seed)
     run = importlib.import_module(stage.module).run
     staged = {k: Path(v) for k, v in stage.staged_outputs().items()}
-    with atomic.output_set(staged, Path(stage.journal)) as temporary:
+    # Workers of one multi-worker run share the project when they share a machine's disk.
+    shared_by_workers = stage.trains and params.train.strategy == "multi_worker"
+    with contextlib.nullcontext() if shared_by_workers else atomic.one_at_a_time(Path(stage.lock), f"graftline {stage.name}"), \
+            atomic.output_set(staged, Path(stage.journal)) as temporary:
         result = run(params, {k: Path(v) for k, v in inputs.items()}, {k: Path(v) for k, v in outputs.items()} | temporary)
     final_name = {str(temporary[k]): str(path) for k, path in staged.items()}
     return {k: final_name.get(v, v) if isinstance(v, str) else v for k, v in result.items()}
@@ -126,7 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM (timeout, a cancelled CI job, docker stop) handled as Ctrl-C: the same cleanup, one line."""
+    """SIGTERM (timeout, a cancelled CI job, docker stop) handled as Ctrl-C: the same cleanup, one line.
+
+    Its message starts with the signal's name; Beam re-raises it with the step appended ("SIGTERM [while
+    running 'Write part']")."""
+
+    @property
+    def signal_name(self) -> str:
+        return str(self).split(" ", 1)[0]
 
 
 def _terminated(signum, frame):
@@ -156,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             cause = cause.__cause__
         if cause is None:
             raise
-        name = str(cause) if isinstance(cause, Interrupted) else "SIGINT"
+        name = cause.signal_name if isinstance(cause, Interrupted) else "SIGINT"
         console.end_progress_bars()
         print(f"graftline {args.command}: interrupted by {name}; no output was half-written.", file=sys.stderr)
         return 128 + signal.Signals[name]
@@ -219,7 +230,12 @@ def predict(args) -> int:
 
     if args.top_k < 1:
         raise GraftlineError(f"--top-k {args.top_k}: expected an integer >= 1")
-    results, photos = predict_mod.check(Path(args.model), args.targets)
+    # The project's data.max_pixels, as ingest and the exported serve signature refuse (outside a project: its default)
+    from pipeline import params as params_mod
+
+    max_pixels = params_mod.load(args.params).data.max_pixels if Path(args.params).exists() else \
+        params_mod.DataParams().max_pixels
+    results, photos = predict_mod.check(Path(args.model), args.targets, max_pixels)
     if photos:  # TensorFlow only loads when there is a photo to predict
         runtime.cpu_only()  # one photo per call on the CPU, as evaluate runs: the same answers
         predict_mod.predict(Path(args.model), photos, args.top_k)

@@ -19,6 +19,17 @@ class _UnusedFileSystems(logging.Filter):
 
 
 logging.getLogger("apache_beam.io.filesystems").addFilter(_UnusedFileSystems())
+
+
+class _Interruptions(logging.Filter):
+    """Beam logs what a step raised, with its traceback, before raising it on: for Ctrl-C or SIGTERM the stage's
+    one line says it all (pipeline/cli.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
+logging.getLogger("apache_beam.runners.common").addFilter(_Interruptions())
 # Keras says this at the end of every first epoch over a tf.data.Dataset of unknown length.
 warnings.filterwarnings("ignore", message="Your input ran out of data")
 

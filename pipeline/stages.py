@@ -84,6 +84,11 @@ class Stage:
         """Where a run lists the outputs it is putting in place, so that a run killed doing it is completed."""
         return f"{CHECKPOINTS}/{self.name}-outputs.json"
 
+    @property
+    def lock(self) -> str:
+        """Held while the stage runs: a second `graftline <stage>` in the project is refused, not run beside it."""
+        return f"{CHECKPOINTS}/{self.name}.lock"
+
     def staged_outputs(self) -> dict[str, str]:
         """The outputs replaced as one set: those DVC tracks (TensorBoard's logs are written in place)."""
         return {name: io.path for name, io in self.outputs.items() if io.declared and self.replaces_outputs}
@@ -135,8 +140,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
            "live": live("fine_tune"),
            "curves": out("plots/learning_curves.png", "plots", *NO_CACHE),
            "tensorboard": untracked("logs/fine_tune")},
-          ("seed", "fine_tune_at", "base", "input_block", "augment", "fine_tune", "export", "bottleneck.cache_dir")
-          + TRAINING, trains=True),
+          ("seed", "fine_tune_at", "base", "input_block", "augment", "fine_tune", "export", "bottleneck.cache_dir",
+           "data.max_pixels") + TRAINING, trains=True),  # data.max_pixels: what serve refuses
     # curves: shown on the evaluation page when there; no figure depends on them, and CI's gate
     # evaluates a model trained elsewhere, so they are not a DVC dep.
     Stage("evaluate", "test split: accuracy, per-class precision/recall/F1, confusion matrix",

@@ -80,6 +80,26 @@ def test_a_cache_entry_a_dead_process_was_writing_is_removed_when_the_cache_open
         os.waitpid(pid, 0)
 
 
+# ------------------------------------------------------------------ two runs at once
+
+
+def test_a_second_run_of_a_stage_is_refused_with_one_line_naming_the_first(tmp_path):
+    from components import atomic
+    from conftest import BIN
+
+    (tmp_path / "params.yaml").write_text("data:\n  source: photos\n  sha256: ''\n")  # nothing to download
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    download = lambda: subprocess.run(["graftline", "download"], cwd=tmp_path, env=env, capture_output=True,  # noqa: E731
+                                      text=True, timeout=120)
+    with atomic.one_at_a_time(tmp_path / "data" / "checkpoints" / "download.lock", "graftline download"):
+        refused = download()
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"graftline download: error: graftline download is already running in this project (pid {os.getpid()}; "
+        f"data/checkpoints/download.lock is locked): wait for it to end, or stop it"], refused.stderr
+    assert download().returncode == 0  # the lock goes with the process that held it
+
+
 # ------------------------------------------------------------------ the harness: kill, `dvc repro`, compare
 
 # A handful per stage, at the moments that matter most (benchmarks/crash.py tries many more). "group": `dvc repro`
@@ -88,7 +108,8 @@ def test_a_cache_entry_a_dead_process_was_writing_is_removed_when_the_cache_open
 POINTS = [
     KillPoint("download", Appears("data/download/.photos.tar.gz.tmp-*"), "KILL", "group"),  # a partial archive
     KillPoint("ingest", Write("open", "artifacts/.examples.tmp-*/*/*"), "TERM"),  # the first shard
-    KillPoint("bottleneck", Write("os.rename", "data/feature_cache/*", 10), "KILL", cold_cache="mobilenet_v2-*"),
+    # SIGTERM while Beam's step writes a cache entry: Beam re-raises it with the step's name appended
+    KillPoint("bottleneck", Write("os.rename", "data/feature_cache/*", 10), "TERM", cold_cache="mobilenet_v2-*"),
     KillPoint("bottleneck", Write("os.rename", "artifacts/bottlenecks"), "INT", "group"),  # putting the set in place
     KillPoint("audit", Write("open", "reports/.audit.html.tmp-*/*"), "TERM"),
     KillPoint("train_head", After(0.6), "KILL"),
@@ -115,3 +136,21 @@ def test_one_dvc_repro_recovers_from_a_kill_to_the_same_metrics_with_nothing_lef
     outcome = harness.kill(point)
     assert outcome.reached, f"{point}: the stage ended before the moment came"
     assert outcome.problems == [], outcome.problems
+
+
+@pytest.mark.e2e
+def test_a_second_dvc_repro_while_one_runs_is_refused_and_harms_nothing(harness):
+    from crash import stage_process
+
+    harness.touch("evaluate")
+    first = subprocess.Popen(["dvc", "repro"], cwd=harness.root, env=harness.env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not stage_process(harness.root, "evaluate") and first.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    second = harness.dvc("repro")
+    output, _ = first.communicate(timeout=600)
+    assert second.returncode != 0 and "is busy, it is being blocked by" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr + second.stdout
+    assert first.returncode == 0, output[-3000:]
+    assert harness.check(harness.dvc("repro"), harness.logs / "concurrent.log") == []

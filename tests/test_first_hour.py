@@ -216,6 +216,21 @@ def test_predict_with_nothing_to_predict_is_non_zero_with_the_reason(project, tm
     assert empty.stdout.splitlines()[-1] == text.stdout.splitlines()[-1] == TENSORFLOW_NOT_LOADED
 
 
+@pytest.mark.e2e
+def test_predict_skips_a_photo_above_the_projects_max_pixels_from_its_header(project, tmp_path):
+    from drawing import draw_photo
+
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    params["data"]["max_pixels"] = 1000
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    draw_photo(tmp_path / "wide.jpg", (200, 40, 40), (41, 25), seed=1)
+    result = cli_probe(["predict", "--model", str(project.root / "artifacts" / "model"), str(tmp_path / "wide.jpg")],
+                       tmp_path, project.env)  # in tmp_path: its params.yaml is the project's
+    one_line_error(result, "predict", "nothing was predicted")
+    assert f"{tmp_path / 'wide.jpg'}: skipped (41x25 pixels (0.0 MP) is above data.max_pixels = 1000" in result.stdout
+    assert result.stdout.splitlines()[-1] == TENSORFLOW_NOT_LOADED
+
+
 # ------------------------------------------------------------------ 7. smaller ones
 
 

@@ -130,3 +130,37 @@ def test_model_with_the_layer_saves_and_loads_with_same_outputs(tmp_path, random
     layer = loaded.get_layer("preprocessing")
     assert isinstance(layer, images.ImagePreprocessing) and layer.mode == "caffe"
     np.testing.assert_allclose(np.asarray(loaded.predict(random_pixels, verbose=0)), before, rtol=1e-6, atol=1e-5)
+
+
+# ------------------------------------------------------------------ data.max_pixels, from the header
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature and IHDR stating ``width`` x ``height``, and nothing else: only a header reader answers."""
+    import struct
+    import zlib
+
+    body = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + body + struct.pack(">I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP"])
+def test_header_pixels_reads_the_size_without_decoding(fmt):
+    data = encode(pixels(size=(37, 23)), fmt)
+    assert int(images.header_pixels(tf.constant(data))) == 37 * 23
+    assert int(images.header_pixels(tf.constant(png_header(20_000, 30_000)))) == 600_000_000
+    assert int(images.header_pixels(tf.constant(b"not an image at all, not at all"))) == 0
+
+
+def test_serve_refuses_a_photo_above_max_pixels_before_decoding_it(tmp_path):
+    from components import export
+
+    inputs = keras.Input((32, 32, 3))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inputs)))
+    export.saved_model(model, ["a", "b"], 32, tmp_path / "saved", max_pixels=1000)
+    serve = tf.saved_model.load(str(tmp_path / "saved")).signatures["serve"]
+    small = encode(pixels(size=(40, 25)), "PNG")  # exactly 1000
+    assert serve(image_bytes=tf.constant([small]))["probabilities"].shape == (1, 2)
+    for refused in (encode(pixels(size=(41, 25)), "JPEG"), png_header(20_000, 30_000)):  # the second has no pixels
+        with pytest.raises(tf.errors.InvalidArgumentError, match="more pixels than data.max_pixels = 1000"):
+            serve(image_bytes=tf.constant([small, refused]))

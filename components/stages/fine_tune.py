@@ -298,7 +298,7 @@ def save(params, state: Run, trained: Trained, outputs: dict) -> tuple[dict, dic
     served = images.with_flip_averaged(trained.model) if params.augment.tta == "flip" else trained.model
     with atomic_dir(Path(outputs["model"])) as tmp:
         photos = check_images(state.examples, size, TFLITE_CHECK_MAX) if params.export.tflite else None
-        exported = export.export(served, state.labels, size, tmp, photos, params.export.tflite)
+        exported = export.export(served, state.labels, size, tmp, photos, params.export.tflite, params.data.max_pixels)
     write_csv(Path(outputs["plots"]), CURVE_COLUMNS, rows)
     plots.learning_curves(joined_curve(state.head_dir, rows), state.first_epoch if rows else None,
                           Path(outputs["curves"]))

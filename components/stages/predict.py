@@ -35,14 +35,14 @@ def photo_paths(targets: list[str]) -> Iterator[Path]:
             raise GraftlineError(f"{target}: no such file or folder")
 
 
-def check(model_dir: Path, targets: list[str]) -> tuple[list[dict], list[tuple[Path, bool, dict]]]:
-    """The model folder's files (all there, labels.json readable), then every file through ingest's checks,
-    before TensorFlow or the model loads: one entry per file ({path} or {path, skipped: reason}) and the
-    photos to predict (path, re-encode?, their entry)."""
+def check(model_dir: Path, targets: list[str], max_pixels: int) -> tuple[list[dict], list[tuple[Path, bool, dict]]]:
+    """The model folder's files (all there, labels.json readable), then every file through ingest's checks
+    (``max_pixels``: data.max_pixels, read from the header), before TensorFlow or the model loads: one entry per
+    file ({path} or {path, skipped: reason}) and the photos to predict (path, re-encode?, their entry)."""
     export.whole_folder_labels(Path(model_dir))
     results, photos = [], []
     for path in photo_paths(targets):
-        reencode, reason = check_image(path.read_bytes())
+        reencode, reason = check_image(path.read_bytes(), max_pixels)
         results.append({"path": str(path), **({"skipped": reason} if reason else {})})
         if not reason:
             photos.append((path, reencode, results[-1]))
