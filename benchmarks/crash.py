@@ -58,7 +58,7 @@ def points(fractions: list[float]) -> list[KillPoint]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/crash.json")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.3, 0.7])
+    parser.add_argument("--fractions", type=float, nargs="*", default=[0.3, 0.7])
     args = parser.parse_args()
     from machine import describe
 

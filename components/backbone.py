@@ -28,6 +28,9 @@ from components.errors import GraftlineError
 
 JOIN = "+"
 FROZEN = -1  # fine_tune_at: no layer of any base trains
+# Random weights (base.weights: none) are drawn from this seed, not from params' `seed`: the bottleneck then
+# computes the same features whatever `seed` is, so changing it re-runs the training stages only.
+RANDOM_WEIGHTS_SEED = 1
 
 
 def names(model: str) -> tuple[str, ...]:
@@ -90,8 +93,19 @@ class Base:
         return self.name in REGISTRY and not REGISTRY[self.name].has_weights
 
     def build(self):
-        """The network without its classifier, ending in its pooled features."""
-        return base_models.build_base(self.name, self.alpha, self.image_size, self.weights, self.feature_layer)
+        """The network without its classifier, ending in its pooled features. Random weights are the same in
+        every stage and for every `seed`: Keras draws each initializer's seed from Python's ``random`` when the
+        layer is made, so that is seeded here alone, and put back after."""
+        if self.weights is not None:
+            return base_models.build_base(self.name, self.alpha, self.image_size, self.weights, self.feature_layer)
+        import random
+
+        state = random.getstate()
+        random.seed(RANDOM_WEIGHTS_SEED)
+        try:
+            return base_models.build_base(self.name, self.alpha, self.image_size, None, self.feature_layer)
+        finally:
+            random.setstate(state)
 
 
 @dataclass(frozen=True)
@@ -119,7 +133,7 @@ class Backbone:
 
     @property
     def cacheable(self) -> bool:
-        """Whether what it computes from a photo is fixed: pretrained weights (random ones differ by seed)."""
+        """Whether its features go in the feature cache, named by its weights files: random weights have none."""
         return all(base.weights is not None for base in self.bases)
 
     def fingerprint(self, engine: str = "tensorflow") -> str:

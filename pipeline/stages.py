@@ -89,6 +89,11 @@ class Stage:
         """Held while the stage runs: a second `graftline <stage>` in the project is refused, not run beside it."""
         return f"{CHECKPOINTS}/{self.name}.lock"
 
+    @property
+    def seeded(self) -> bool:
+        """Whether it reads `seed` (a stage that does not is not re-run when it changes)."""
+        return "seed" in self.params or "params.yaml:" in self.params
+
     def staged_outputs(self) -> dict[str, str]:
         """The outputs replaced as one set: those DVC tracks (TensorBoard's logs are written in place)."""
         return {name: io.path for name, io in self.outputs.items() if io.declared and self.replaces_outputs}
@@ -115,7 +120,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("bottleneck", "TFRecords -> Parquet features of the frozen base (Apache Beam RunInference)",
           {"examples": dep("artifacts/examples")},
           {"bottlenecks": out("artifacts/bottlenecks"), "report": out("reports/bottleneck.json", "outs", *NO_CACHE)},
-          ("seed", "base", "input_block.upsample", "bottleneck")),  # seed: random weights (base.weights: none)
+          ("base", "input_block.upsample", "bottleneck")),  # not seed: random weights have their own (backbone.py)
     Stage("audit", "label issues, near-duplicates and outliers in the photos (cleanlab on the features): "
                    "reports/audit.html",
           {"bottlenecks": dep("artifacts/bottlenecks"), "labels": dep("artifacts/labels.json"),

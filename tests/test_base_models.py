@@ -159,3 +159,23 @@ def test_unloadable_weights_file_names_the_file(tmp_path):
     with pytest.raises(GraftlineError) as info:
         base_models.build_base("mobilenet_v2", 0.35, 96, str(bad))
     assert str(bad) in str(info.value) and "base.weights" in str(info.value)
+
+
+def test_random_weights_are_the_same_for_every_seed_so_seed_does_not_reach_the_bottleneck():
+    import random
+
+    import keras
+
+    from pipeline import stages
+
+    base = backbone_of(base={"model": "mobilenet_v2", "alpha": 0.35, "image_size": 96, "weights": "none"}).bases[0]
+    drawn = []
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        before = random.random()
+        keras.utils.set_random_seed(seed)
+        weights = base.build().get_weights()
+        assert random.random() == before  # the caller's random state is put back: its later draws do not change
+        drawn.append(weights)
+    assert all(np.array_equal(a, b) for a, b in zip(*drawn)) and any(np.std(w) > 0 for w in drawn[0])
+    assert not stages.STAGES["bottleneck"].seeded and stages.STAGES["train_head"].seeded

@@ -207,7 +207,7 @@ def test_random_weights_are_never_cached(examples, tmp_path):
     })
     report = extract(params, examples, tmp_path)
     assert report["cache"]["folder"] is None and not (tmp_path / "cache").exists()
-    # auto keeps random weights on TensorFlow: later stages draw them again from the seed, on TensorFlow
+    # auto keeps random weights on TensorFlow: later stages build the same random base, on TensorFlow
     assert report["engine"] == {"setting": "auto", "ran": "tensorflow", "conversion_s": None}
 
 

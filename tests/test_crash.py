@@ -154,3 +154,20 @@ def test_a_second_dvc_repro_while_one_runs_is_refused_and_harms_nothing(harness)
     assert "Traceback" not in second.stderr + second.stdout
     assert first.returncode == 0, output[-3000:]
     assert harness.check(harness.dvc("repro"), harness.logs / "concurrent.log") == []
+
+
+@pytest.mark.e2e
+def test_a_seed_change_leaves_the_bottleneck_of_pretrained_weights_up_to_date(harness):
+    import json
+
+    import yaml
+
+    params = harness.root / "params.yaml"
+    kept = params.read_text()
+    try:
+        params.write_text(yaml.safe_dump({**yaml.safe_load(kept), "seed": 7}, sort_keys=False))
+        status = harness.dvc("status", "--json")
+    finally:
+        params.write_text(kept)
+    stale = set(json.loads(status.stdout))
+    assert {"train_head", "fine_tune", "evaluate"} <= stale and "bottleneck" not in stale, status.stdout

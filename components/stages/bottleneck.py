@@ -131,7 +131,7 @@ def run(params, inputs: dict, outputs: dict) -> dict:
 
     # 2. The backbone, built here once so that a bad weights file fails now with one line, not inside a
     #    Beam worker; its feature width; the engine that runs it and its feature cache (off for random
-    #    weights: they differ by seed); LiteRT's models, converted here once when there is work for them.
+    #    weights: no file to name it by); LiteRT's models, converted here once when there is work for them.
     backbone = Backbone.from_params(params, training=False)
     width = int(extractor_for(backbone).output_shape[-1])
     engine = _engine(backbone, p.engine)
@@ -199,7 +199,7 @@ def run(params, inputs: dict, outputs: dict) -> dict:
 
 def _engine(backbone: Backbone, setting: str) -> str:
     """The engine ``bottleneck.engine`` names here. ``auto`` keeps random weights on TensorFlow, whose
-    features later stages recompute from the same seed."""
+    features later stages recompute with it."""
     engine = engines.resolve(setting)
     return "tensorflow" if setting == "auto" and not backbone.cacheable else engine
 
