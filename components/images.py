@@ -49,10 +49,13 @@ def header_pixels(image_bytes: tf.Tensor) -> tf.Tensor:
     def signed32(value: tf.Tensor) -> tf.Tensor:  # BMP's height is negative for top-down rows
         return tf.abs(tf.where(value >= 2 ** 31, value - 2 ** 32, value))
 
+    def jpeg() -> tf.Tensor:
+        return tf.reduce_prod(tf.cast(tf.io.extract_jpeg_shape(image_bytes)[:2], tf.int64))
+
     magic = tf.strings.substr(image_bytes, 0, tf.minimum(length, 4))
     is_long = length >= 26
     return tf.case([
-        (tf.io.is_jpeg(image_bytes), lambda: tf.reduce_prod(tf.cast(tf.io.extract_jpeg_shape(image_bytes)[:2], tf.int64))),
+        (tf.io.is_jpeg(image_bytes), jpeg),
         (is_long & tf.equal(magic, b"\x89PNG"), lambda: number(16, 4, False) * number(20, 4, False)),
         (is_long & tf.equal(tf.strings.substr(magic, 0, tf.minimum(length, 3)), b"GIF"),
          lambda: number(6, 2, True) * number(8, 2, True)),

@@ -7,8 +7,9 @@ of those inputs starts a new, empty folder. An entry is the raw array followed
 by its CRC32, written under a temporary name and renamed into place: an entry
 of the wrong length or checksum (a torn write, a bad disk) is a miss and is
 rewritten. A temporary is named after its process and machine; the first cache
-opened on a folder in a process removes those this machine's dead processes left. Local folders use plain file I/O; other locations (gs://, s3://, a
-cluster's filesystem) go through Beam's FileSystems.
+a process opens on a folder removes those this machine's dead processes left.
+Local folders use plain file I/O; other locations (gs://, s3://, a cluster's
+filesystem) go through Beam's FileSystems.
 """
 from __future__ import annotations
 

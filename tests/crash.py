@@ -81,7 +81,7 @@ class KillPoint:
     moment: Write | Appears | After
     signal: str = "KILL"  # KILL | TERM | INT (a terminal's Ctrl-C: to the whole group)
     scope: str = "stage"  # stage | group (dvc repro and the stage together)
-    cold_cache: str = ""  # cache folders (a glob under data/feature_cache) removed first: the stage writes their entries
+    cold_cache: str = ""  # cache folders (a glob under data/feature_cache) removed first: the stage writes entries
 
     def __str__(self) -> str:
         return f"{self.stage} SIG{self.signal} ({self.scope}{', cold cache' if self.cold_cache else ''}) {self.moment}"

@@ -89,8 +89,11 @@ def test_a_second_run_of_a_stage_is_refused_with_one_line_naming_the_first(tmp_p
 
     (tmp_path / "params.yaml").write_text("data:\n  source: photos\n  sha256: ''\n")  # nothing to download
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    download = lambda: subprocess.run(["graftline", "download"], cwd=tmp_path, env=env, capture_output=True,  # noqa: E731
-                                      text=True, timeout=120)
+
+    def download() -> subprocess.CompletedProcess:
+        return subprocess.run(["graftline", "download"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+
     with atomic.one_at_a_time(tmp_path / "data" / "checkpoints" / "download.lock", "graftline download"):
         refused = download()
     assert refused.returncode == 2, refused.stderr

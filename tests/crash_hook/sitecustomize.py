@@ -1,10 +1,11 @@
-"""Kill a stage at a chosen write (tests/crash.py): loaded by every Python started with this folder on PYTHONPATH.
+"""Kill a stage at a chosen write (tests/crash.py); loaded by every Python started with this folder on PYTHONPATH.
 
-GRAFTLINE_CRASH="<stage>|<event>|<pattern>|<nth>|<signal>|<scope>|<marker>": in the process running `graftline <stage>`
-only, the ``nth`` Python audit event ``event`` ("open" for writing, "os.rename" (also os.replace), "os.mkdir")
-whose path, relative to the working directory, matches the fnmatch ``pattern`` sends ``signal`` (KILL, TERM) to
-the process itself (scope "stage") or to its process group (scope "group": `dvc repro` and the stage together),
-just before the call runs, having first created the file ``marker`` (so the harness knows it fired). Nothing else changes: a real process dies at a real moment of a real run.
+GRAFTLINE_CRASH="<stage>|<event>|<pattern>|<nth>|<signal>|<scope>|<marker>": in the process running
+`graftline <stage>` only, the ``nth`` Python audit event ``event`` ("open" for writing, "os.rename" (also
+os.replace), "os.mkdir") whose path, relative to the working directory, matches the fnmatch ``pattern`` sends
+``signal`` (KILL, TERM, INT) to the process itself (scope "stage") or to its process group (scope "group":
+`dvc repro` and the stage together), just before the call runs, having first created the file ``marker`` (so the
+harness knows it fired). Nothing else changes: a real process dies at a real moment of a real run.
 """
 import os
 import sys
