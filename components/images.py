@@ -52,15 +52,15 @@ def header_pixels(image_bytes: tf.Tensor) -> tf.Tensor:
     def jpeg() -> tf.Tensor:
         return tf.reduce_prod(tf.cast(tf.io.extract_jpeg_shape(image_bytes)[:2], tf.int64))
 
-    magic = tf.strings.substr(image_bytes, 0, tf.minimum(length, 4))
-    is_long = length >= 26
+    def starts(magic: bytes) -> tf.Tensor:  # substr cuts a shorter photo short: no error
+        return tf.equal(tf.strings.substr(image_bytes, 0, len(magic)), magic)
+
+    is_long = length >= 26  # every offset read below lies within
     return tf.case([
         (tf.io.is_jpeg(image_bytes), jpeg),
-        (is_long & tf.equal(magic, b"\x89PNG"), lambda: number(16, 4, False) * number(20, 4, False)),
-        (is_long & tf.equal(tf.strings.substr(magic, 0, tf.minimum(length, 3)), b"GIF"),
-         lambda: number(6, 2, True) * number(8, 2, True)),
-        (is_long & tf.equal(tf.strings.substr(magic, 0, tf.minimum(length, 2)), b"BM"),
-         lambda: signed32(number(18, 4, True)) * signed32(number(22, 4, True))),
+        (is_long & starts(b"\x89PNG"), lambda: number(16, 4, False) * number(20, 4, False)),
+        (is_long & starts(b"GIF"), lambda: number(6, 2, True) * number(8, 2, True)),
+        (is_long & starts(b"BM"), lambda: signed32(number(18, 4, True)) * signed32(number(22, 4, True))),
     ], default=lambda: tf.constant(0, tf.int64), exclusive=False)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from components import atomic
 
-HOST = socket.gethostname().replace("-", "_")  # in temporary names, after the pid ("-" separates them)
+HOST = socket.gethostname()  # in temporary names, after the pid: whose machine wrote it
 _swept: set[str] = set()
 
 

@@ -73,8 +73,9 @@ def run_stage(name: str, params_path: str) -> dict:
     staged = {k: Path(v) for k, v in stage.staged_outputs().items()}
     # Workers of one multi-worker run share the project when they share a machine's disk.
     shared_by_workers = stage.trains and params.train.strategy == "multi_worker"
-    with contextlib.nullcontext() if shared_by_workers else atomic.one_at_a_time(Path(stage.lock), f"graftline {stage.name}"), \
-            atomic.output_set(staged, Path(stage.journal)) as temporary:
+    alone = contextlib.nullcontext() if shared_by_workers else atomic.one_at_a_time(Path(stage.lock),
+                                                                                  f"graftline {stage.name}")
+    with alone, atomic.output_set(staged, Path(stage.journal)) as temporary:
         result = run(params, {k: Path(v) for k, v in inputs.items()}, {k: Path(v) for k, v in outputs.items()} | temporary)
     final_name = {str(temporary[k]): str(path) for k, path in staged.items()}
     return {k: final_name.get(v, v) if isinstance(v, str) else v for k, v in result.items()}

@@ -145,14 +145,22 @@ def default_sigint() -> None:
 # ------------------------------------------------------------------ watching stage processes
 
 
-def stage_process(root: Path, stage: str) -> psutil.Process | None:
-    """The live process running `graftline <stage>` in ``root`` (an argument of its own, not a shell's -c)."""
+def stages_running(root: Path) -> dict[str, psutil.Process]:
+    """Stage -> the live process running `graftline <stage>` in ``root`` (an argument of its own, not a shell's
+    -c; zombies left out)."""
+    found = {}
     for proc in psutil.process_iter(["cmdline", "cwd", "status"]):
         cmdline = proc.info["cmdline"] or []
         if proc.info["cwd"] == str(root) and proc.info["status"] != psutil.STATUS_ZOMBIE \
-                and any(a.endswith("graftline") for a in cmdline[:2]) and stage in cmdline[1:]:
-            return proc
-    return None
+                and any(a.endswith("graftline") for a in cmdline[:2]):
+            stage = next((s for s in STAGES if s in cmdline[1:]), None)
+            if stage:
+                found[stage] = proc
+    return found
+
+
+def stage_process(root: Path, stage: str) -> psutil.Process | None:
+    return stages_running(root).get(stage)
 
 
 class Lifetimes(threading.Thread):
@@ -165,13 +173,9 @@ class Lifetimes(threading.Thread):
     def run(self):
         while not self.done.is_set():
             now = time.monotonic()
-            for proc in psutil.process_iter(["cmdline", "cwd"]):
-                cmdline = proc.info["cmdline"] or []
-                if proc.info["cwd"] == str(self.root) and any(a.endswith("graftline") for a in cmdline[:2]):
-                    stage = next((s for s in STAGES if s in cmdline[1:]), None)
-                    if stage:
-                        first, _ = self.seen.get(stage, (now, now))
-                        self.seen[stage] = (first, now)
+            for stage in stages_running(self.root):
+                first, _ = self.seen.get(stage, (now, now))
+                self.seen[stage] = (first, now)
             time.sleep(0.05)
 
     def seconds(self) -> dict[str, float]:
