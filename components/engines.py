@@ -6,7 +6,11 @@
   Its features differ from TensorFlow's in the last bits (summation order, FMA): the tests state the
   tolerance (``FEATURE_TOLERANCE``).
 - ``tensorflow``: the Keras extractor in a ``tf.function`` (what the rest of the pipeline runs).
-- ``auto``: TensorFlow where a GPU is visible, LiteRT on a CPU.
+- ``auto``: TensorFlow where a GPU is visible, LiteRT on a CPU; TensorFlow too, with a line saying why, when
+  the converter cannot take the model (``litert`` fails instead).
+
+Two stages choose an engine: the bottleneck (``bottleneck.engine``, the frozen backbone) and evaluate
+(``evaluate.engine``, the whole exported classifier).
 
 Photos are decoded and resized by TensorFlow either way (components/images.py: one preprocessing path); each
 base's own preprocessing is part of the extractor, so it is part of the converted model.
@@ -37,6 +41,27 @@ def resolve(engine: str) -> str:
     import tensorflow as tf
 
     return "tensorflow" if tf.config.list_physical_devices("GPU") else "litert"
+
+
+def litert_or_fallback(setting: str, stage: str, subject: str, convert):
+    """``convert()``'s LiteRT model(s) and the seconds the conversion took; (None, None) when ``setting`` is
+    ``auto`` and the converter cannot take ``subject``, with a line saying so (the stage then runs TensorFlow).
+    With ``setting`` ``litert`` the failure is one line naming the param (``<stage>.engine``)."""
+    import time
+
+    from components.errors import GraftlineError
+
+    started = time.time()
+    try:
+        content = convert()
+    except Exception as error:  # the converter's errors have no common type
+        why = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:300]
+        if setting == "litert":
+            raise GraftlineError(f"{stage}.engine: litert cannot convert {subject} ({why}); "
+                                 f"set {stage}.engine: tensorflow (or auto)") from None
+        print(f"{stage}: LiteRT cannot convert {subject} ({why}); running it on TensorFlow", flush=True)
+        return None, None
+    return content, round(time.time() - started, 2)
 
 
 def backbone_to_litert(backbone, extractor) -> list[bytes]:

@@ -237,6 +237,10 @@ class EvaluateParams(Section):
                                          "non-zero below it (see \"GPU runners and CI\")")
     max_drop: float = param(0.02, "CI gate: largest accepted drop of test accuracy against the main branch's",
                             lambda v: 0 <= v <= 1, "a fraction between 0 and 1")
+    engine: str = param("tensorflow", "what scores the exported model on the test photos: `tensorflow` (the Keras "
+                        "model), `litert` (its float32 TFLite conversion: 1.7-2x a photo on a CPU, but the conversion "
+                        "costs about 9 s and 1 GB of peak memory for the default's three bases, see docs/results.md), "
+                        "or `auto` (TensorFlow where a GPU is visible, LiteRT otherwise)", choices=ENGINES)
 
     def check(self, params: Params) -> None:
         for metric, minimum in self.thresholds.items():

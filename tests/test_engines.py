@@ -68,3 +68,22 @@ def test_a_single_thread_gives_the_same_features_as_two(keras_home):
     pixels = flower_pixels(160, per_class=1)
     one, two = engines.LiteRT(content, threads=1)(pixels), engines.LiteRT(content, threads=2)(pixels)
     np.testing.assert_allclose(one, two, rtol=0, atol=engines.FEATURE_TOLERANCE * np.abs(two).max())
+
+
+def test_a_model_litert_cannot_take_falls_back_on_auto_and_fails_on_litert(capsys):
+    """``auto`` runs TensorFlow with a line saying why; ``litert`` asked for is one line naming the stage's param."""
+    from components import engines
+    from components.errors import GraftlineError
+
+    def cannot():
+        raise ValueError("\nop FlexRandom is not supported\nmore detail")
+
+    assert engines.litert_or_fallback("auto", "evaluate", "the model in m", cannot) == (None, None)
+    assert capsys.readouterr().out == ("evaluate: LiteRT cannot convert the model in m (op FlexRandom is not "
+                                       "supported); running it on TensorFlow\n")
+    with pytest.raises(GraftlineError) as failed:
+        engines.litert_or_fallback("litert", "bottleneck", "mobilenet_v2", cannot)
+    assert str(failed.value) == ("bottleneck.engine: litert cannot convert mobilenet_v2 (op FlexRandom is not "
+                                 "supported); set bottleneck.engine: tensorflow (or auto)")
+    content, seconds = engines.litert_or_fallback("litert", "evaluate", "m", lambda: b"model")
+    assert content == b"model" and seconds >= 0

@@ -237,6 +237,29 @@ def test_evaluate_lists_top_k_and_confident_mistakes(project):
         assert (FLOWERS / m["path"]).is_file()
 
 
+def test_evaluate_on_litert_scores_the_model_as_tensorflow_does(project, tmp_path):
+    """evaluate.engine: litert scores the same model: the same predictions, its loss and the confidences of its
+    mistakes within float32 rounding of TensorFlow's (the default engine, which scored the project)."""
+    for rel in ("artifacts/examples", "artifacts/model"):
+        shutil.copytree(project.root / rel, tmp_path / rel)
+    params = yaml.safe_load((project.first / "params.yaml").read_text())
+    params["evaluate"]["engine"] = "litert"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    run(["graftline", "evaluate"], tmp_path, project.env, tmp_path / "evaluate.log", timeout=600)
+
+    report = load(tmp_path / "reports/evaluate.json")
+    assert report["engine"]["ran"] == "litert" and report["engine"]["conversion_s"] > 0
+    assert load(project.first / "reports/evaluate.json")["engine"] == {"setting": "tensorflow", "ran": "tensorflow"}
+    ours, reference = load(tmp_path / "metrics/evaluate.json"), load(project.first / "metrics/evaluate.json")
+    assert read_csv(tmp_path / "plots/confusion.csv") == read_csv(project.first / "plots/confusion.csv")
+    assert ours["accuracy"] == reference["accuracy"] and ours["per_class"] == reference["per_class"]
+    assert ours["loss"] == pytest.approx(reference["loss"], abs=1e-4)
+    mistakes = load(project.first / "reports/evaluate.json")["mistakes"]
+    assert [m["path"] for m in report["mistakes"]] == [m["path"] for m in mistakes]
+    np.testing.assert_allclose([m["confidence"] for m in report["mistakes"]], [m["confidence"] for m in mistakes],
+                               atol=1e-4)
+
+
 def test_fine_tune_zero_epochs_exports_base_and_head_unchanged(project, tmp_path):
     """fine_tune.epochs: 0 -> the model is base + head as trained; its val accuracy is the head's."""
     import keras

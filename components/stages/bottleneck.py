@@ -140,7 +140,8 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     cache, to_compute = _cache(p, backbone, engine, width, shards, in_memory)
     litert_models, convert_s = None, None
     if engine == "litert" and to_compute != 0:
-        litert_models, convert_s = _litert(backbone, p.engine, base.model)
+        litert_models, convert_s = engines.litert_or_fallback(
+            p.engine, "bottleneck", base.model, lambda: engines.backbone_to_litert(backbone, extractor_for(backbone)))
         if litert_models is None:  # auto, and LiteRT cannot convert it
             engine = "tensorflow"
             cache, to_compute = _cache(p, backbone, engine, width, shards, in_memory)
@@ -210,22 +211,6 @@ def _cache(p, backbone: Backbone, engine: str, width: int, shards: dict, in_memo
     cache = (VectorCache(absolute(p.cache_dir), backbone.fingerprint(engine), (width,))
              if p.cache_dir and backbone.cacheable else None)
     return cache, _to_compute(shards, cache) if in_memory else None
-
-
-def _litert(backbone: Backbone, setting: str, model: str) -> tuple[list[bytes] | None, float | None]:
-    """(LiteRT's models, seconds their conversion took); (None, None) when ``auto`` falls back to TensorFlow,
-    with a line saying why; ``litert`` fails instead."""
-    started = time.time()
-    try:
-        content = engines.backbone_to_litert(backbone, extractor_for(backbone))
-    except Exception as error:  # the converter's errors have no common type
-        why = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:300]
-        if setting == "litert":
-            raise GraftlineError(f"bottleneck.engine: litert cannot convert {model} ({why}); "
-                                 "set bottleneck.engine: tensorflow (or auto)") from None
-        print(f"bottleneck: LiteRT cannot convert {model} ({why}); running it on TensorFlow", flush=True)
-        return None, None
-    return content, round(time.time() - started, 2)
 
 
 def _to_compute(shards: dict, cache: VectorCache | None) -> int:

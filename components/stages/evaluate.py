@@ -4,8 +4,14 @@ Outputs: ``metrics`` (accuracy, top-k accuracy, loss, macro F1, per-class
 precision/recall/F1 and support), ``confusion`` (one row per test photo,
 actual and predicted class names, for DVC's confusion template),
 ``confusion_png``, ``report`` (the most confident mistakes with their paths,
-wall time, devices), ``html`` (reports/evaluate.html, components/report.py: the
-page a person opens). Scores and the confusion matrix are scikit-learn's.
+the engine that scored the model, wall time, devices), ``html``
+(reports/evaluate.html, components/report.py: the page a person opens).
+Scores and the confusion matrix are scikit-learn's.
+
+The model scored is the exported model.keras, on ``evaluate.engine``: TensorFlow (the default), or its
+float32 LiteRT conversion (components/engines.py: the whole classifier, test-time flip included, converted
+in-process), whose probabilities differ from TensorFlow's in the last bits. LiteRT is faster a photo on a
+CPU, but its conversion costs seconds and memory that pay only on a large test split (docs/results.md).
 
 The gate: once its outputs are written, the stage fails (one line naming the
 metric, its value and the threshold) when a metric is below
@@ -20,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from components import devices, gate, inference, plots, records, report
+from components import devices, engines, gate, inference, plots, records, report
 from components.atomic import read_json, write_csv, write_json
 from components.errors import FailedWithOutputs, GraftlineError
 from components.export import LABELS_FILE, MODEL_FILE
@@ -51,6 +57,23 @@ def most_confident_mistakes(keys: list[str], actual: np.ndarray, probabilities: 
              "confidence": round(float(probabilities[i, predicted[i]]), 6)} for i in order]
 
 
+def scorer(model, image_size: int, setting: str, model_dir: Path):
+    """The function giving one photo's probabilities ([size, size, 3] in [0, 255]), one photo per forward pass
+    (the figures do not depend on batching: components/inference.py), on the engine ``evaluate.engine`` picks;
+    and what it ran: {"setting", "ran", "conversion_s"}."""
+    import os
+
+    ran = engines.resolve(setting)
+    content, convert_s = (engines.litert_or_fallback(setting, "evaluate", f"the model in {model_dir}",
+                                                     lambda: engines.to_litert(model))
+                          if ran == "litert" else (None, None))
+    if content is None:
+        infer = inference.alone(model, image_size)
+        return (lambda image: infer(image[None]).numpy()[0]), {"setting": setting, "ran": "tensorflow"}
+    lite = engines.LiteRT(content, os.cpu_count() or 1)
+    return (lambda image: lite(image[None])[0]), {"setting": setting, "ran": "litert", "conversion_s": convert_s}
+
+
 def run(params, inputs: dict, outputs: dict) -> dict:
     """inputs: examples, model, curves (fine-tune's PNG, optional). outputs: metrics (JSON), confusion (CSV),
     confusion_png, report (JSON), html (reports/evaluate.html)."""
@@ -63,11 +86,10 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     labels = read_json(model_dir / LABELS_FILE)
     model = keras.saving.load_model(model_dir / MODEL_FILE)
     image_size = int(model.input_shape[1])
-    # One photo per forward pass: the figures do not depend on batching (components/inference.py).
-    infer = inference.alone(model, image_size)
+    score, engine = scorer(model, image_size, params.evaluate.engine, model_dir)
     probabilities, actual, keys = [], [], []
     for image, label, key in image_dataset(Path(inputs["examples"]), "test", image_size, 1, keys=True):
-        probabilities.append(infer(image).numpy()[0])
+        probabilities.append(score(image.numpy()[0]))
         actual.append(int(label[0]))
         keys.append(key[0].numpy().decode())
     if not actual:
@@ -100,7 +122,8 @@ def run(params, inputs: dict, outputs: dict) -> dict:
     report_page = report.render(metrics, labels, counts, mistakes, photos, Path(outputs["confusion_png"]).read_bytes(),
                                 curves)
     report.write(Path(outputs["html"]), report_page)
-    summary = {"mistakes": mistakes, "wall_time_s": round(time.time() - started, 2), "devices": devices.visible()}
+    summary = {"mistakes": mistakes, "engine": engine, "wall_time_s": round(time.time() - started, 2),
+               "devices": devices.visible()}
     write_json(Path(outputs["report"]), summary)
     # Checked after writing, so a failed gate still leaves the figures to look at (DVC records no run).
     failures = gate.threshold_failures(metrics, params.evaluate.thresholds)
