@@ -86,12 +86,11 @@ def saved_model(model, labels: list[str], image_size: int, path: Path, max_pixel
     def serve_images(pixels):
         return float_model(pixels, training=False)
 
-    # Keras' ExportArchive: about 20 s of the default's export, in its write_out (docs/results.md). A plain
-    # tf.Module saved in half the time, but the TFLite converter then read NaN weights from it.
+    # Keras' ExportArchive saves the variables the endpoints use (the float32 twin's too, for a mixed-precision
+    # model). Not track(model): the model holds no lookup table, and track() saves every weight a second time
+    # under other objects (keras-team/keras#23553): twice the folder, the memory of whoever loads it, and the
+    # time to write it and to convert it to TFLite (docs/results.md).
     archive = keras.export.ExportArchive()
-    archive.track(model)
-    if float_model is not model:  # a mixed-precision model: its float32 twin's weights go in too
-        archive.track(float_model)
     archive.add_endpoint(SERVE_SIGNATURE, serve)
     archive.add_endpoint(IMAGES_SIGNATURE, serve_images)
     archive.write_out(str(path), verbose=False)
