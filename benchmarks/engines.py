@@ -495,12 +495,14 @@ def main() -> None:
     engines = [e for e in engines if e not in missing]
     if "tensorflow" not in engines:
         engines.insert(0, "tensorflow")  # the reference rate every ratio needs
+    from components import backbone
+
     batches = [int(b) for b in args.batches.split(",")]
     base = default_model()
     models = []
     for m in args.models.split(","):
         models += [(base, "default")] if m == "default" else \
-            [(name, name) for name in base.split("+")] if m == "each" else [(m, m)]
+            [(name, name) for name in backbone.names(base)] if m == "each" else [(m, m)]
 
     args.photos_file = out / f"photos_{args.photos}_seed{args.seed}_{SIZE}px.npy"
     if not args.photos_file.exists():

@@ -40,6 +40,11 @@ def extractor_for(backbone: Backbone):
     return _EXTRACTORS[backbone]
 
 
+def forget_extractor(backbone: Backbone) -> None:
+    """Drop the Keras extractor kept for ``backbone`` (once LiteRT runs it, its weights are in the LiteRT models)."""
+    _EXTRACTORS.pop(backbone, None)
+
+
 @dataclasses.dataclass
 class ShardWork:
     """One shard on its way through the pipeline: its rows, the cached features, the misses."""

@@ -67,13 +67,24 @@ def litert_or_fallback(setting: str, stage: str, subject: str, convert):
 def backbone_to_litert(backbone, extractor) -> list[bytes]:
     """The backbone's extractor as one LiteRT model per base (Backbone.parts): converting the default's three
     bases at once took over 2 GB at its peak, one at a time about 1.4 GB."""
-    import gc
-
     models = []
     for part in backbone.parts(extractor):
         models.append(to_litert(part))
-        gc.collect()  # the frozen graph and the converter's copies of this part's weights
+        release_freed_memory()  # the frozen graph and the converter's copies of this part's weights
     return models
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand the heap's free pages back to the OS (glibc's malloc_trim): the converter's
+    freed memory otherwise stays in the process's RSS for the rest of the stage."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def to_litert(extractor) -> bytes:

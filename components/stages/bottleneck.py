@@ -53,7 +53,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from components import engines, features, records
 from components.backbone import Backbone
-from components.beam_inference import FeatureExtractorHandler, ShardWork, extractor_for
+from components.beam_inference import FeatureExtractorHandler, ShardWork, extractor_for, forget_extractor
 from components.atomic import write_json
 from components.beam_runners import beam_flags, dask_scheduler, is_dask, pipeline_runner, run_to_completion
 from components.publishing import absolute, published
@@ -114,6 +114,8 @@ class WritePart(beam.DoFn):
                    "cache_hits": len(work.cached), "cache_rejected": work.rejected, "worker": worker_name()}
         with written(path + RECEIPT_SUFFIX) as handle:
             handle.write(json.dumps(receipt).encode())
+        work.images.clear()  # the shard's photos (a few hundred MB), whoever still holds the work
+        engines.release_freed_memory()  # and their pages back to the OS before the next shard is read
         yield receipt
 
 
@@ -145,6 +147,9 @@ def run(params, inputs: dict, outputs: dict) -> dict:
         if litert_models is None:  # auto, and LiteRT cannot convert it
             engine = "tensorflow"
             cache, to_compute = _cache(p, backbone, engine, width, shards, in_memory)
+        else:  # the Keras extractor is not run again: its memory goes back for the forward passes
+            forget_extractor(backbone)
+            engines.release_freed_memory()
     # 3. The model handler, with threads shared out among local worker processes.
     dask = is_dask(p.runner)
     # Local workers share this machine's cores; a remote cluster's machines size their own pools.
