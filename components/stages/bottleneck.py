@@ -114,8 +114,7 @@ class WritePart(beam.DoFn):
                    "cache_hits": len(work.cached), "cache_rejected": work.rejected, "worker": worker_name()}
         with written(path + RECEIPT_SUFFIX) as handle:
             handle.write(json.dumps(receipt).encode())
-        work.images.clear()  # the shard's photos (a few hundred MB), whoever still holds the work
-        engines.release_freed_memory()  # and their pages back to the OS before the next shard is read
+        engines.release_freed_memory()  # the shard's freed pages back to the OS before the next shard is read
         yield receipt
 
 
