@@ -98,7 +98,7 @@ class FeatureExtractorHandler(ModelHandler[ShardWork, PredictionResult, Any]):
                 pass  # TensorFlow already running in this process (in-memory mode): keep its pools
         image_size = self._backbone.image_size
         if self._litert_models is not None:
-            run = engines.LiteRT(self._litert_models, self._threads or os.cpu_count() or 1)
+            run = engines.LiteRT(self._litert_models, self._threads)
             decode = tf.function(lambda image_bytes: images.decode_batch(image_bytes, image_size),
                                  input_signature=[tf.TensorSpec([None], tf.string)], reduce_retracing=True)
 

@@ -134,12 +134,16 @@ class LiteRT:
     """LiteRT models run side by side, one photo per invoke (batching does not speed XNNPACK up on a CPU, and
     a photo's features then do not depend on the photos beside it); their outputs joined in order."""
 
-    def __init__(self, contents: bytes | list[bytes], threads: int):
+    def __init__(self, contents: bytes | list[bytes], threads: int = 0):
+        """``threads``: XNNPACK's threads; 0 = one per core."""
+        import os
+
         from ai_edge_litert.interpreter import Interpreter  # tf.lite.Interpreter is deprecated
 
+        threads = threads or os.cpu_count() or 1
         self._runs = []
         for content in [contents] if isinstance(contents, bytes) else contents:
-            interpreter = Interpreter(model_content=content, num_threads=max(1, threads))
+            interpreter = Interpreter(model_content=content, num_threads=threads)
             source = interpreter.get_input_details()[0]
             interpreter.resize_tensor_input(source["index"], [1, *source["shape"][1:]])
             interpreter.allocate_tensors()  # once: set_tensor after it, never before

@@ -110,9 +110,7 @@ def tflite(saved_model_dir: Path, quantize: bool) -> bytes:
 def tflite_predict(content: bytes, images: np.ndarray) -> np.ndarray:
     """Class probabilities of a TFLite model for [n, size, size, 3] images in [0, 255], one photo per invoke
     (as components/inference.py runs Keras: the agreement does not depend on batching)."""
-    import os
-
-    return engines.LiteRT(content, os.cpu_count() or 1)(images) if len(images) else np.zeros((0, 0), np.float32)
+    return engines.LiteRT(content)(images) if len(images) else np.zeros((0, 0), np.float32)
 
 
 def model_card(labels: list[str], image_size: int, tflite_kinds: tuple[str, ...], max_pixels: int) -> str:

@@ -61,8 +61,6 @@ def scorer(model, image_size: int, setting: str, model_dir: Path):
     """The function giving one photo's probabilities ([size, size, 3] in [0, 255]), one photo per forward pass
     (the figures do not depend on batching: components/inference.py), on the engine ``evaluate.engine`` picks;
     and what it ran: {"setting", "ran", "conversion_s"}."""
-    import os
-
     ran = engines.resolve(setting)
     content, convert_s = (engines.litert_or_fallback(setting, "evaluate", f"the model in {model_dir}",
                                                      lambda: engines.to_litert(model))
@@ -70,7 +68,7 @@ def scorer(model, image_size: int, setting: str, model_dir: Path):
     if content is None:
         infer = inference.alone(model, image_size)
         return (lambda image: infer(image[None]).numpy()[0]), {"setting": setting, "ran": "tensorflow"}
-    lite = engines.LiteRT(content, os.cpu_count() or 1)
+    lite = engines.LiteRT(content)
     return (lambda image: lite(image[None])[0]), {"setting": setting, "ran": "litert", "conversion_s": convert_s}
 
 
